@@ -1,0 +1,99 @@
+"""∂_t v_θ(s, t, x): three interchangeable backends behind one function.
+
+- ``jvp``: ``torch.func.jvp`` over the whole batch with tangent 1 for every t. Exact: samples are
+  independent (GroupNorm and attention act per sample), so this equals the course's per-sample
+  ``vmap(jvp)``. Runs in float32 outside autocast by default (``precision='float32'``), with the
+  attention on its explicit-softmax path (SDPA has no forward-mode AD).
+- ``finite_difference``: central difference (v(t + h) − v(t − h)) / 2h with both evaluations in
+  ONE forward of the doubled batch — an ordinary forward, so it compiles, shards and uses every
+  fused kernel. v itself is the mean of the two (error O(h²)). See docs/derivative.md for the
+  error table that sets the default h.
+- ``dual``: explicit forward mode — every block propagates (primal, tangent) through the same
+  code as the plain forward (fastflow.models.dual); plain autograd, so it compiles (fullgraph)
+  and works under FSDP2, and fused kernels compute primal and tangent in one pass.
+
+All backends return (v, ∂_t v) with gradients flowing through both (unless ``derivative_grad``
+is False, which detaches ∂_t v — MeanFlow-style).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from fastflow import ops
+
+BACKENDS = ("jvp", "finite_difference", "dual")
+_WARNED = set()
+
+
+def _autocast_off(device_type: str):
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _uses_fused_kernels(model: nn.Module) -> bool:
+    inner = getattr(model, "module", model)
+    unet = getattr(inner, "unet", inner)
+    return bool(getattr(unet, "fused_kernels", False))
+
+
+def jvp_derivative(model: Callable, x: Tensor, s: Tensor, t: Tensor, precision: str = "float32") -> Tuple[Tensor, Tensor]:
+    """(v, ∂_t v) by ``torch.func.jvp`` of t ↦ model(x, s, t) with tangent ones."""
+    if _uses_fused_kernels(model) and "jvp-fused" not in _WARNED:
+        _WARNED.add("jvp-fused")
+        warnings.warn(
+            "derivative=jvp: torch.func.jvp runs the PyTorch reference ops (the fused kernels' "
+            "forward-mode rules are used by derivative=dual); expect reference speed",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    ctx = _autocast_off(x.device.type) if precision == "float32" else contextlib.nullcontext()
+    with ctx, ops.math_attention(), ops.reference_only():
+        if precision == "float32":
+            x, s, t = x.float(), s.float(), t.float()
+        v, dv = torch.func.jvp(lambda tt: model(x, s, tt), (t,), (torch.ones_like(t),))
+    return v, dv
+
+
+def finite_difference_derivative(model: Callable, x: Tensor, s: Tensor, t: Tensor, h: float = 1e-3) -> Tuple[Tensor, Tensor]:
+    """(v, ∂_t v) ≈ ((v₊ + v₋)/2, (v₊ − v₋)/2h), v± = model(x, s, t ± h) in one doubled-batch forward."""
+    out = model(torch.cat([x, x]), torch.cat([s, s]), torch.cat([t + h, t - h])).float()
+    v_plus, v_minus = out.chunk(2)
+    return 0.5 * (v_plus + v_minus), (v_plus - v_minus) / (2.0 * h)
+
+
+def dual_derivative(model: Callable, x: Tensor, s: Tensor, t: Tensor) -> Tuple[Tensor, Tensor]:
+    """(v, ∂_t v) from the model's explicit forward-mode pass with ṫ = 1."""
+    v, dv = model(x, s, t, t_dot=torch.ones_like(t))
+    return v.float(), dv.float()
+
+
+def velocity_and_time_derivative(
+    model: Callable,
+    x: Tensor,
+    s: Tensor,
+    t: Tensor,
+    backend: str = "dual",
+    *,
+    fd_step: float = 1e-3,
+    precision: str = "float32",
+    derivative_grad: bool = True,
+) -> Tuple[Tensor, Tensor]:
+    """v_θ(s, t, x) and ∂_t v_θ(s, t, x) for a batch; x (B, C, H, W), s and t (B,)."""
+    if backend == "jvp":
+        v, dv = jvp_derivative(model, x, s, t, precision)
+    elif backend == "finite_difference":
+        v, dv = finite_difference_derivative(model, x, s, t, fd_step)
+    elif backend == "dual":
+        v, dv = dual_derivative(model, x, s, t)
+    else:
+        raise ValueError(f"unknown time-derivative backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    if not derivative_grad:
+        dv = dv.detach()
+    return v, dv
