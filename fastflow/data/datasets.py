@@ -19,6 +19,8 @@ same whichever worker process loads them and across resumes.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 import warnings
 from pathlib import Path
@@ -367,19 +369,31 @@ class ArrayDataset(ImageDataset):
 _DIGITS_CACHE: Dict[Tuple[int, int], Tensor] = {}
 
 
+@functools.lru_cache(maxsize=1)
+def _load_digit_pixels() -> np.ndarray:
+    """float32 ``(1797, 8, 8)``, values 0..16: the CSV bundled in scikit-learn, read directly
+    (``import sklearn.datasets`` alone takes ~3 s); ``load_digits()`` if the file moved."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or spec.origin is None:
+        raise DatasetUnavailableError(
+            "data.dataset=digits needs scikit-learn (its bundled digits need no download); "
+            "install scikit-learn or use data.dataset=folder data.root=..."
+        )
+    csv = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz"
+    if csv.is_file():
+        table = np.loadtxt(csv, delimiter=",", dtype=np.float32)  # 64 pixels + label per row
+        return table[:, :64].reshape(-1, 8, 8)
+    from sklearn.datasets import load_digits
+
+    return load_digits().images.astype(np.float32)
+
+
 def _digits_uint8(image_size: int, channels: int) -> Tensor:
     """scikit-learn's 1797 bundled 8x8 digits (values 0..16) as uint8 ``(N, C, S, S)``: scaled to
     ``[0, 1]``, resized with antialiased bilinear interpolation, quantised to 8 bits."""
     key = (image_size, channels)
     if key not in _DIGITS_CACHE:
-        try:
-            from sklearn.datasets import load_digits
-        except ImportError as exc:
-            raise DatasetUnavailableError(
-                "data.dataset=digits needs scikit-learn (its bundled digits need no download); "
-                "install scikit-learn or use data.dataset=folder data.root=..."
-            ) from exc
-        pixels = torch.from_numpy(load_digits().images.astype(np.float32) / 16.0).unsqueeze(1)  # (N,1,8,8)
+        pixels = torch.from_numpy(_load_digit_pixels() / np.float32(16.0)).unsqueeze(1)  # (N, 1, 8, 8) in [0, 1]
         if image_size != pixels.shape[-1]:
             pixels = torch.nn.functional.interpolate(
                 pixels, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False

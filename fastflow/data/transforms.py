@@ -1,17 +1,16 @@
 """Pixel-range conventions and image export helpers.
 
-Two value ranges, one conversion each way (the course's convention):
+Two value ranges, one conversion each way:
 
-- **model space** ``[-1, 1]``: what datasets/loaders yield and what samplers return;
-- **file space** ``[0, 1]``: what :func:`save_image`, :func:`make_grid` padding and
-  :func:`to_uint8_nhwc` expect by default (torchvision's convention).
-
-``normalize`` maps file space to model space, ``unnormalize`` back (clamped). As in the course's
-``sample.py``, save model output with ``save_image(unnormalize(x), path)``; or pass
-``value_range=(-1, 1)`` to the export helpers to skip the explicit ``unnormalize``.
+- **model space** ``[-1, 1]``: what datasets/loaders yield and samplers return. Every helper
+  here takes model-space tensors by default (``make_grid``, ``save_image``, ``to_uint8_nhwc``);
+- **unit space** ``[0, 1]``: torchvision / TensorBoard's range. ``normalize`` maps unit space to
+  model space, ``unnormalize`` back (clamped). Pass ``value_range=(0, 1)`` to the export helpers
+  for unit-space input (the course's ``save_image(unnormalize(x), path)`` idiom needs it: without
+  it a ``[0, 1]`` tensor is read as ``[-1, 1]`` and comes out washed out).
 
 8-bit pixels ``p ∈ {0..255}`` enter model space through :func:`uint8_to_float` (``p / 127.5 - 1``,
-exact at both ends) and leave it through :func:`to_uint8_nhwc` (``round``, clamped).
+exact at both ends) and leave it through :func:`to_uint8_nhwc` (rounded, clamped).
 """
 
 from __future__ import annotations
@@ -54,6 +53,8 @@ def uint8_to_float(x: Tensor) -> Tensor:
     The one conversion every loader uses, on whichever device ``x`` lives, so that loaders agree
     bit for bit.
     """
+    if x.dtype != torch.uint8:
+        raise TypeError(f"uint8_to_float expects a uint8 tensor, got {x.dtype}")
     return x.to(torch.float32).div_(127.5).sub_(1.0)
 
 
@@ -71,15 +72,15 @@ def make_grid(
     images: Tensor,
     nrow: Optional[int] = 8,
     padding: int = 2,
-    pad_value: float = 0.0,
+    pad_value: float = -1.0,
 ) -> Tensor:
     """Tile a batch ``(B, C, H, W)`` into one image ``(C, rows*(H+p)+p, nrow*(W+p)+p)``.
 
-    Range-agnostic: values are copied as they are (pass ``[0, 1]`` images to get a ``[0, 1]``
-    grid, or ``[-1, 1]`` images and a matching ``pad_value``). ``nrow`` images per row
-    (``None``: a square-ish grid, ``ceil(sqrt(B))``); ``padding`` pixels of ``pad_value`` around
-    every tile, like ``torchvision.utils.make_grid``. A single image ``(C, H, W)`` is returned
-    as a one-tile grid.
+    Values are copied unchanged, so the grid is in the input's range: model space ``[-1, 1]``
+    by default, with black (``pad_value=-1``) borders; for ``[0, 1]`` input pass ``pad_value=0``.
+    ``nrow`` images per row (``None``: a square-ish grid, ``ceil(sqrt(B))``); ``padding`` pixels
+    around every tile, like ``torchvision.utils.make_grid``. A single image ``(C, H, W)`` is a
+    one-tile grid.
     """
     if images.dim() == 3:
         images = images.unsqueeze(0)
@@ -100,12 +101,12 @@ def make_grid(
     return grid
 
 
-def to_uint8_nhwc(x: Tensor, value_range: ValueRange = (0.0, 1.0)) -> np.ndarray:
+def to_uint8_nhwc(x: Tensor, value_range: ValueRange = (-1.0, 1.0)) -> np.ndarray:
     """Images ``(N, C, H, W)`` (or ``(C, H, W)``) -> numpy ``(N, H, W, C)`` uint8, for ``.npz``
     export (the layout FID/IS tools read).
 
-    ``value_range`` is the input's range (default file space ``[0, 1]``; model samples can pass
-    ``(-1, 1)``); values are clamped, then rounded: ``floor(255 u + 0.5)``.
+    ``value_range`` is the input's range (default model space ``[-1, 1]``; ``(0, 1)`` for
+    unnormalized input); values are clamped to it, then rounded: ``floor(255 u + 0.5)``.
     """
     if x.dim() == 3:
         x = x.unsqueeze(0)
@@ -120,15 +121,15 @@ def save_image(
     path: Union[str, os.PathLike],
     nrow: Optional[int] = None,
     *,
-    value_range: ValueRange = (0.0, 1.0),
+    value_range: ValueRange = (-1.0, 1.0),
     padding: int = 2,
 ) -> Path:
     """Write a batch ``(B, C, H, W)`` as one PNG grid (or one image ``(C, H, W)``) via PIL.
 
-    ``tensor`` is in ``value_range`` (default ``[0, 1]``: call ``save_image(unnormalize(x), ...)``
-    for model samples, as the course does, or pass ``value_range=(-1, 1)``). ``nrow`` images per
-    row; ``None`` makes a square-ish grid. C=1 writes a grayscale PNG, C=3 RGB. Parent folders are
-    created. Returns the path written.
+    ``tensor`` is in ``value_range``: model space ``[-1, 1]`` by default (samples as they come
+    out of a sampler); ``value_range=(0, 1)`` for ``unnormalize``-d input. ``nrow`` images per
+    row; ``None`` makes a square-ish grid; black borders of ``padding`` pixels. C=1 writes a
+    grayscale PNG, C=3 RGB. Parent folders are created. Returns the path written.
     """
     if tensor.dim() not in (3, 4):
         raise ValueError(f"save_image expects (B, C, H, W) or (C, H, W), got shape {tuple(tensor.shape)}")
@@ -138,7 +139,7 @@ def save_image(
     if unit.dim() == 4 and unit.shape[0] == 1:
         unit = unit[0]
     grid = unit if unit.dim() == 3 else make_grid(unit, nrow=nrow, padding=padding, pad_value=0.0)
-    array = to_uint8_nhwc(grid)[0]
+    array = to_uint8_nhwc(grid, value_range=(0.0, 1.0))[0]
     mode = "L" if array.shape[-1] == 1 else "RGB"
     image = Image.fromarray(array[..., 0] if mode == "L" else array, mode=mode)
     path = Path(path)

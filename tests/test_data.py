@@ -1,0 +1,416 @@
+"""fastflow.data: pixel ranges, export helpers, datasets, sharded resumable loaders."""
+
+from __future__ import annotations
+
+import sys
+import types
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastflow.config import load_config
+from fastflow.data import (
+    ArrayDataset,
+    BadImageError,
+    DatasetUnavailableError,
+    DeviceCachedLoader,
+    DigitsDataset,
+    HubDataset,
+    ImageFolderDataset,
+    ResumableDataLoader,
+    ShardPlan,
+    create_dataloader_from_config,
+    create_dataset_from_config,
+    make_grid,
+    normalize,
+    prepare_folder,
+    save_image,
+    to_uint8_nhwc,
+    uint8_to_float,
+    unnormalize,
+)
+
+
+def _config(*overrides: str):
+    return load_config(None, ["data.num_workers=0", *overrides])
+
+
+def _take(loader, n: int):
+    return [next(loader) for _ in range(n)]
+
+
+# ------------------------------------------------------------------------------ transforms
+def test_normalize_unnormalize_round_trip():
+    x = torch.rand(4, 3, 8, 8, dtype=torch.float64)
+    y = normalize(x)
+    assert y.min() >= -1 and y.max() <= 1
+    torch.testing.assert_close(unnormalize(y), x, rtol=0, atol=1e-12)
+    assert unnormalize(torch.tensor([-3.0, 3.0])).tolist() == [0.0, 1.0]  # clamped
+
+
+def test_uint8_round_trip_is_exact():
+    pixels = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16)
+    x = uint8_to_float(pixels)
+    assert x.dtype == torch.float32 and x.min() == -1.0 and x.max() == 1.0
+    back = to_uint8_nhwc(x)
+    assert back.shape == (1, 16, 16, 1) and back.dtype == np.uint8
+    np.testing.assert_array_equal(back[0, :, :, 0], pixels[0, 0].numpy())
+    np.testing.assert_array_equal(to_uint8_nhwc(unnormalize(x), value_range=(0, 1)), back)
+
+
+def test_make_grid_shape_and_placement():
+    images = torch.arange(10, dtype=torch.float32).view(10, 1, 1, 1).expand(10, 3, 8, 8)
+    grid = make_grid(images, nrow=4, padding=2)
+    assert grid.shape == (3, 3 * 10 + 2, 4 * 10 + 2)
+    assert grid[0, 2 + 10, 2 + 10].item() == 5.0  # row 1, column 1 -> image 5
+    assert grid[0, 0, 0].item() == -1.0  # black border in model space
+    assert make_grid(images, nrow=None).shape == (3, 3 * 10 + 2, 4 * 10 + 2)  # ceil(sqrt(10)) = 4
+    assert make_grid(images[0]).shape == (3, 12, 12)
+
+
+def test_save_image_writes_readable_png(tmp_path):
+    x = torch.rand(6, 3, 8, 8) * 2 - 1  # model space, as samplers return
+    path = save_image(x, tmp_path / "sub" / "grid.png", nrow=3)
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.mode == "RGB" and image.size == (3 * 10 + 2, 2 * 10 + 2)
+        first = np.asarray(image)
+    assert first[0, 0].tolist() == [0, 0, 0]  # black border
+    np.testing.assert_array_equal(first[2:10, 2:10], to_uint8_nhwc(x[:1])[0])
+    save_image(unnormalize(x), tmp_path / "course.png", nrow=3, value_range=(0, 1))  # course idiom
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "course.png")), first)
+    save_image(torch.rand(1, 1, 8, 8), tmp_path / "gray.png")
+    with Image.open(tmp_path / "gray.png") as image:
+        assert image.mode == "L" and image.size == (8, 8)
+
+
+# ---------------------------------------------------------------------------------- digits
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("size", [8, 16, 32])
+def test_digits_shapes_and_range(size, channels):
+    dataset = DigitsDataset(image_size=size, channels=channels, augment=False)
+    assert len(dataset) == 1797
+    x = dataset[0]
+    assert x.shape == (channels, size, size) and x.dtype == torch.float32
+    assert x.min() >= -1.0 and x.max() <= 1.0
+    everything = uint8_to_float(dataset.as_uint8_tensor())
+    assert everything.min() == -1.0 and everything.max() > 0.9
+    if channels == 3:
+        assert torch.equal(x[0], x[1]) and torch.equal(x[1], x[2])
+
+
+def test_digits_from_config():
+    dataset = create_dataset_from_config(_config("data.dataset=digits", "data.image_size=16", "data.channels=1"))
+    assert isinstance(dataset, DigitsDataset) and dataset[5].shape == (1, 16, 16)
+
+
+# ---------------------------------------------------------------------------- image folder
+def _solid(color, size, mode="RGB"):
+    return Image.new(mode, size, color)
+
+
+@pytest.fixture
+def image_tree(tmp_path):
+    """Nested folder: PNG/JPEG, upper-case extensions, RGBA/L/P modes, non-square, plus noise."""
+    root = tmp_path / "images"
+    (root / "a" / "deep").mkdir(parents=True)
+    (root / "b").mkdir()
+    _solid((255, 0, 0), (64, 64)).save(root / "a" / "red.png")
+    _solid((0, 255, 0, 128), (40, 40), "RGBA").save(root / "a" / "deep" / "rgba.PNG")
+    _solid(200, (32, 32), "L").save(root / "b" / "gray.png")
+    _solid((0, 0, 255), (50, 70)).save(root / "b" / "blue.JPG", quality=95)
+    _solid((10, 20, 30), (16, 16)).convert("P").save(root / "b" / "palette.png")
+    wide = _solid((255, 0, 0), (96, 64))  # red | green 64x64 centre | red: the crop keeps green
+    wide.paste(_solid((0, 255, 0), (64, 64)), (16, 0))
+    wide.save(root / "wide.jpeg", quality=95)
+    (root / "notes.txt").write_text("not an image")
+    (root / "._red.png").write_bytes(b"resource fork")  # hidden: ignored
+    return root
+
+
+def test_image_folder_lists_decodes_and_resizes(image_tree):
+    dataset = ImageFolderDataset(image_tree, image_size=32, channels=3, augment=False)
+    names = [p.relative_to(image_tree).as_posix() for p in dataset.files]
+    assert names == ["a/deep/rgba.PNG", "a/red.png", "b/blue.JPG", "b/gray.png", "b/palette.png", "wide.jpeg"]
+    for i in range(len(dataset)):
+        x = dataset[i]
+        assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and -1 <= x.min() <= x.max() <= 1
+    red = dataset.load_uint8(1)
+    assert red[:, 5, 5].tolist() == [255, 0, 0]
+    wide = dataset.load_uint8(5).to(torch.int32)  # centre crop: only the green middle survives
+    assert wide[1].min() > 240 and wide[0].max() < 15 and wide[2].max() < 15
+    gray = ImageFolderDataset(image_tree, image_size=16, channels=1, augment=False)
+    assert gray[3].shape == (1, 16, 16) and gray.load_uint8(3).unique().tolist() == [200]
+
+
+def test_image_folder_augment_flips(image_tree):
+    dataset = ImageFolderDataset(image_tree, image_size=32, augment=True)
+    half = Image.new("RGB", (32, 32), (0, 0, 0))
+    half.paste(_solid((255, 255, 255), (16, 32)), (0, 0))
+    half.save(image_tree / "a" / "red.png")
+    torch.manual_seed(0)
+    seen = {dataset[1][0, 0, 0].item() for _ in range(20)}
+    assert seen == {-1.0, 1.0}
+
+
+def test_missing_folder_error_names_path(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        ImageFolderDataset(missing, 32)
+
+
+def test_empty_folder_error_names_path(tmp_path):
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "readme.txt").write_text("no images here")
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "empty")):
+        ImageFolderDataset(tmp_path / "empty", 32)
+
+
+def test_folder_config_needs_root():
+    with pytest.raises(FileNotFoundError, match="data.root"):
+        create_dataset_from_config(_config("data.dataset=folder"))
+
+
+def test_corrupt_file_error_names_file(image_tree):
+    bad = image_tree / "b" / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff garbage, not a jpeg" * 10)
+    dataset = ImageFolderDataset(image_tree, image_size=32)
+    index = dataset.files.index(bad)
+    with pytest.raises(BadImageError, match=str(bad)):
+        dataset[index]
+    for workers in (0, 2):  # raised in a worker process, re-raised here with the name intact
+        loader = ResumableDataLoader(dataset, batch_size=len(dataset), shuffle=False, num_workers=workers)
+        with pytest.raises(BadImageError, match=str(bad)):
+            next(loader)
+
+
+def test_truncated_file_is_bad(image_tree):
+    whole = (image_tree / "wide.jpeg").read_bytes()
+    (image_tree / "wide.jpeg").write_bytes(whole[: len(whole) // 2])
+    dataset = ImageFolderDataset(image_tree, image_size=32)
+    with pytest.raises(BadImageError, match="wide.jpeg"):
+        dataset.load_uint8(5)
+
+
+def test_skip_mode_counts_and_substitutes(image_tree):
+    bad = image_tree / "b" / "broken.jpg"
+    bad.write_bytes(b"garbage" * 50)
+    dataset = ImageFolderDataset(image_tree, image_size=32, on_bad_image="skip")
+    index = dataset.files.index(bad)
+    with pytest.warns(RuntimeWarning, match="broken.jpg"):
+        substitute = dataset.load_uint8(index)
+    assert dataset.num_skipped == 1 and dataset.bad_files == {str(bad)}
+    assert torch.equal(substitute, dataset.load_uint8(index + 1))  # the next readable file
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dataset.load_uint8(index)  # known bad: no second warning
+    assert dataset.num_skipped == 1
+
+
+def test_skip_mode_through_loader_from_config(image_tree):
+    (image_tree / "broken.png").write_bytes(b"garbage" * 50)
+    config = _config(
+        "data.dataset=folder", f"data.root={image_tree}", "data.image_size=16", "data.on_bad_image=skip",
+        "training.batch_size=7",
+    )
+    loader = create_dataloader_from_config(config, shuffle=False)
+    with pytest.warns(RuntimeWarning, match="broken.png"):
+        batch = next(loader)
+    assert batch.shape == (7, 3, 16, 16) and loader.num_skipped == 1
+
+
+def test_course_layout_reads_the_train_split(tmp_path):
+    for split, color in (("train", (255, 0, 0)), ("validation", (0, 0, 255))):
+        (tmp_path / split / "images").mkdir(parents=True)
+        for k in range(3):
+            _solid(color, (64, 64)).save(tmp_path / split / "images" / f"{k:06d}.png")
+    dataset = create_dataset_from_config(_config("data.dataset=celeba", f"data.root={tmp_path}"))
+    assert len(dataset) == 3 and dataset.load_uint8(0)[:, 0, 0].tolist() == [255, 0, 0]
+
+
+def test_prepare_folder_round_trip(image_tree, tmp_path):
+    (image_tree / "broken.png").write_bytes(b"garbage")
+    with pytest.warns(RuntimeWarning, match="broken.png"):
+        path = prepare_folder(image_tree, tmp_path / "prepared.npy", 16, on_bad_image="skip")
+    array = np.load(path)
+    assert array.shape == (6, 16, 16, 3) and array.dtype == np.uint8
+    folder = ImageFolderDataset(image_tree, 16, on_bad_image="skip")
+    prepared = create_dataset_from_config(
+        _config("data.dataset=folder", f"data.root={path}", "data.image_size=16", "data.augment=false")
+    )
+    assert isinstance(prepared, ArrayDataset) and len(prepared) == 6
+    good = [i for i, f in enumerate(folder.files) if f.name != "broken.png"]
+    for k, i in enumerate(good):
+        assert torch.equal(prepared.load_uint8(k), folder.load_uint8(i))
+    with pytest.raises(ValueError, match="32x32x3"):
+        ArrayDataset(path, image_size=32)
+
+
+# ----------------------------------------------------------------------------------- hub
+def test_hub_without_datasets_package_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` -> ImportError
+    config = _config("data.dataset=hub", "data.repo_name=someone/faces")
+    with pytest.raises(DatasetUnavailableError, match="someone/faces") as info:
+        create_dataset_from_config(config)
+    assert "data.dataset=folder data.root=" in str(info.value)
+
+
+def test_hub_unreachable_is_a_clear_error(monkeypatch):
+    fake = types.ModuleType("datasets")
+
+    def load_dataset(repo, split):
+        raise ConnectionError("offline")
+
+    fake.load_dataset = load_dataset
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    with pytest.raises(DatasetUnavailableError, match="someone/faces.*data.dataset=folder.*offline"):
+        HubDataset("someone/faces", "train", 32)
+
+
+def test_hub_dataset_decodes_rows(monkeypatch):
+    class Rows(list):
+        column_names = ["image", "label"]
+
+    rows = Rows({"image": _solid((0, 255, 0), (64, 64)), "label": k} for k in range(4))
+    fake = types.ModuleType("datasets")
+    fake.load_dataset = lambda repo, split: rows
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    config = _config("data.dataset=celeba", "data.from_hub=true", "data.image_size=32")
+    dataset = create_dataset_from_config(config)
+    assert isinstance(dataset, HubDataset) and len(dataset) == 4
+    assert dataset.load_uint8(2)[:, 0, 0].tolist() == [0, 255, 0]
+
+
+# ------------------------------------------------------------------------------- loaders
+def _digits_config(*extra: str):
+    return _config("data.dataset=digits", "data.image_size=8", "data.channels=1", "data.augment=true",
+                   "training.batch_size=64", *extra)
+
+
+def test_loader_yields_forever_across_epochs():
+    loader = create_dataloader_from_config(_digits_config())
+    assert isinstance(loader, ResumableDataLoader) and len(loader) == 1797 // 64 == 28
+    batches = _take(loader, 30)
+    assert all(b.shape == (64, 1, 8, 8) and b.dtype == torch.float32 for b in batches)
+    assert all(b.min() >= -1 and b.max() <= 1 for b in batches)
+    assert loader.state_dict()["epoch"] == 1 and loader.state_dict()["batch_in_epoch"] == 2
+    assert loader.batches_seen == 30 and loader.images_seen == 30 * 64
+    assert not torch.equal(batches[0], batches[28])  # a new permutation in epoch 1
+
+
+@pytest.mark.parametrize("kind", ["torch", "gpu_cache"])
+def test_loader_resume_is_exact(kind):
+    config = _digits_config(f"data.loader={kind}")
+    reference = create_dataloader_from_config(config, seed=7)
+    expected = _take(reference, 40)  # crosses the epoch boundary at 28
+
+    interrupted = create_dataloader_from_config(config, seed=7)
+    _take(interrupted, 25)
+    state = interrupted.state_dict()
+    assert state["epoch"] == 0 and state["batch_in_epoch"] == 25
+    resumed = create_dataloader_from_config(config, seed=7)
+    resumed.load_state_dict(state)
+    for k, batch in enumerate(_take(resumed, 15)):
+        assert torch.equal(batch, expected[25 + k]), f"batch {25 + k} differs after resume"
+
+    restarted = create_dataloader_from_config(config, seed=7)  # state loaded mid-iteration
+    _take(restarted, 3)
+    restarted.load_state_dict(state)
+    assert torch.equal(next(restarted), expected[25])
+
+
+def test_gpu_cache_matches_torch_loader_on_cpu():
+    torch_loader = create_dataloader_from_config(_digits_config("data.loader=torch"))
+    cached = create_dataloader_from_config(_digits_config("data.loader=gpu_cache"), device="cpu")
+    assert isinstance(cached, DeviceCachedLoader) and cached.images.dtype == torch.uint8
+    assert cached.nbytes == 1797 * 64
+    for _ in range(30):
+        a, b = next(torch_loader), next(cached)
+        assert a.shape == b.shape and torch.equal(a, b)
+    cached.load_state_dict(torch_loader.state_dict())  # states are interchangeable
+    assert torch.equal(next(cached), next(torch_loader))
+
+
+def test_gpu_cache_from_image_folder(image_tree):
+    dataset = ImageFolderDataset(image_tree, 16, augment=True)
+    cached = DeviceCachedLoader.from_dataset(dataset, batch_size=4, seed=3, device="cpu")
+    plain = ResumableDataLoader(dataset, batch_size=4, seed=3)
+    for _ in range(5):
+        assert torch.equal(next(cached), next(plain))
+
+
+def test_loader_state_mismatch_is_refused():
+    loader = create_dataloader_from_config(_digits_config())
+    next(loader)
+    state = loader.state_dict()
+    other = create_dataloader_from_config(_digits_config("training.batch_size=32"))
+    with pytest.raises(ValueError, match="batch_size"):
+        other.load_state_dict(state)
+    with pytest.warns(RuntimeWarning, match="approximately"):
+        other.load_state_dict(state, strict=False)
+    assert other.state_dict()["batch_in_epoch"] == 2  # 64 samples seen = 2 batches of 32
+
+
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_rank_shards_are_disjoint_and_cover_the_epoch(drop_last):
+    n, world = 1000, 3
+    shards = [
+        ShardPlan(n, batch_size=16, seed=5, rank=r, world_size=world, drop_last=drop_last).epoch(2)[0]
+        for r in range(world)
+    ]
+    assert len({len(s) for s in shards}) == 1  # equal lengths: ranks stay in lockstep
+    flat = np.concatenate(shards)
+    if drop_last:
+        assert len(flat) == len(set(flat.tolist())) == (n // world) * world  # disjoint, 1 left out
+    else:
+        assert set(flat.tolist()) == set(range(n)) and len(flat) == 1002  # all, 2 padded by wrapping
+    other_epoch = ShardPlan(n, batch_size=16, seed=5, rank=0, world_size=world).epoch(3)[0]
+    assert not np.array_equal(shards[0][: len(other_epoch)], other_epoch)
+
+
+def test_rank_loaders_serve_their_shard():
+    config = _digits_config("training.batch_size=32")  # augment on: flips must follow the plan too
+    dataset = create_dataset_from_config(config)
+    images = dataset.as_uint8_tensor()
+    ranks = [create_dataloader_from_config(config, rank=r, world_size=2, dataset=dataset, seed=11) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == (1797 // 2) // 32
+    served = []
+    for rank, loader in enumerate(ranks):
+        plan = ShardPlan(1797, batch_size=32, seed=11, rank=rank, world_size=2, augment=True)
+        for k in range(len(loader)):
+            indices, flips = plan.batch(0, k)
+            expected = images[torch.from_numpy(indices)]
+            expected = torch.where(torch.from_numpy(flips).view(-1, 1, 1, 1), expected.flip(-1), expected)
+            assert torch.equal(next(loader), uint8_to_float(expected))
+            served.extend(indices.tolist())
+    assert len(served) == len(set(served)) == 2 * 28 * 32  # disjoint across ranks
+
+
+def test_worker_processes_give_the_same_batches(image_tree):
+    dataset = ImageFolderDataset(image_tree, 16, augment=True)
+    inline = ResumableDataLoader(dataset, batch_size=4, seed=1, num_workers=0)
+    workers = ResumableDataLoader(dataset, batch_size=4, seed=1, num_workers=2)
+    for _ in range(4):
+        assert torch.equal(next(inline), next(workers))
+    state = workers.state_dict()
+    workers.load_state_dict(state)
+    assert torch.equal(next(workers), next(inline))
+    workers.close()
+
+
+def test_last_partial_batch_without_drop_last():
+    config = _digits_config("training.batch_size=500")
+    loader = create_dataloader_from_config(config, drop_last=False)
+    sizes = [b.shape[0] for b in _take(loader, 5)]
+    assert sizes == [500, 500, 500, 297, 500]
+
+
+def test_dali_loader_missing_is_a_clear_error():
+    from fastflow.data.dali import dali_available
+
+    if dali_available():
+        pytest.skip("DALI is installed here")
+    with pytest.raises(ImportError, match="nvidia-dali"):
+        create_dataloader_from_config(_digits_config("data.loader=dali"))
