@@ -1,0 +1,440 @@
+"""The training loop: set up, loop, step, log, sample, checkpoint — readable top to bottom.
+
+Progress is counted in steps and images seen. Each step's randomness (noise, times, dropout) is
+seeded from (seed, rank, step), and the data position is part of the checkpoint, so a resumed
+run continues exactly as the uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+from torch import nn
+
+from fastflow.config import Config, config_to_dict
+from fastflow.methods import create_method_from_config
+from fastflow.train import checkpoint as ckpt_io
+from fastflow.train.distributed import DistContext, any_rank_true, barrier, init_distributed
+from fastflow.train.ema import EMA
+from fastflow.train.metrics import count_flops, device_peak_flops, peak_memory_bytes, reset_peak_memory
+from fastflow.train.parallelize import build_train_module, compile_scope
+
+
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """A 63-bit seed that is a pure function of (seed, rank, step)."""
+    return (((seed * 1_000_003) ^ (rank * 7_919)) * 1_000_033 + step) % (2**63 - 1)
+
+
+def sample_kwargs(config: Config) -> Dict[str, Any]:
+    """How training-time sample grids are drawn for each method (cheap samplers for DDPM)."""
+    s = config.sampling
+    if config.method in ("ddpm", "ddpm_x0"):
+        return {"sampler": "ddim", "num_steps": min(s.num_steps, 100), "eta": s.eta}
+    if config.method == "flow_matching":
+        return {"num_steps": s.num_steps, "solver": s.solver}
+    return {"num_steps": s.num_steps}
+
+
+def autocast_context(config: Config, device: torch.device):
+    infra = config.infrastructure
+    if not infra.mixed_precision or infra.precision == "fp32" or device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if infra.precision == "bf16" else torch.float16
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+class Trainer:
+    """Owns the run: method, optimizer, EMA, data, logging, checkpoints."""
+
+    def __init__(self, config: Config, *, resume: Optional[str] = None, overfit: bool = False, quiet: bool = False):
+        self.config = config
+        self.overfit = overfit
+        self.quiet = quiet
+        self.ctx: DistContext = init_distributed(config.infrastructure.device)
+        self.device = self.ctx.device
+        infra, train_cfg = config.infrastructure, config.training
+
+        torch.manual_seed(infra.seed)  # same initial weights on every rank
+        self.method = create_method_from_config(config).to(self.device)
+        if infra.channels_last:
+            self.method.model.to(memory_format=torch.channels_last)
+        self.num_params = sum(p.numel() for p in self.method.model.parameters())
+
+        resume = resume or config.checkpoint.resume
+        self.resume_path: Optional[Path] = None
+        self._resume_state: Optional[Dict[str, Any]] = None
+        run_name = config.logging.run_name
+        if resume:
+            if resume == "auto":
+                if run_name is None:
+                    raise ValueError("checkpoint.resume=auto needs logging.run_name (which run to resume)")
+                found = ckpt_io.latest_checkpoint(Path(config.checkpoint.dir) / run_name)
+                resume = str(found) if found else None
+            if resume:
+                self.resume_path = ckpt_io.resolve_checkpoint(resume)
+                self._resume_state = ckpt_io.load_checkpoint(self.resume_path, map_location="cpu")
+                run_name = run_name or self._resume_state.get("run_name")
+        self.run_name = run_name or f"{config.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+        self.run_dir = Path(config.logging.dir) / self.run_name
+        self.ckpt_dir = Path(config.checkpoint.dir) / self.run_name
+
+        self.loss_fn, self.wrapped = build_train_module(self.method, config, self.ctx)
+        fused_adam = self.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(
+            [p for p in self.wrapped.parameters() if p.requires_grad],
+            lr=train_cfg.learning_rate,
+            betas=tuple(train_cfg.betas),
+            weight_decay=train_cfg.weight_decay,
+            **({"fused": True} if fused_adam else {}),
+        )
+        self.ema = EMA(self.method.model, decay=train_cfg.ema_decay, warmup_steps=train_cfg.ema_start)
+        use_scaler = infra.mixed_precision and infra.precision == "fp16" and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+
+        from fastflow.data import create_dataloader_from_config
+
+        self.loader = create_dataloader_from_config(
+            config, rank=self.ctx.rank, world_size=self.ctx.world_size, seed=infra.seed, device=self.device
+        )
+        self.image_shape = (config.data.channels, config.data.image_size, config.data.image_size)
+        self.step = 0
+        self.images_seen = 0
+        self._fixed_batch: Optional[torch.Tensor] = None
+        self._stop_signal: Optional[int] = None
+        if self._resume_state is not None:
+            self._load_state(self._resume_state)
+        self.writer = None
+        self.flops_per_step: Optional[int] = None
+        self.peak_flops = device_peak_flops(self.device)
+
+    # ---------------------------------------------------------------------------- state
+    def state_dict(self) -> Dict[str, Any]:
+        return {
+            "iteration": self.step,
+            "images_seen": self.images_seen,
+            "run_name": self.run_name,
+            "method": self.config.method,
+            "model": self.method.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "ema": self.ema.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "config": config_to_dict(self.config),
+            "method_config": self.method.method_config(),
+            "rng": ckpt_io.capture_rng_state(),
+            "data": self.loader.state_dict(),
+            "overfit_batch": self._fixed_batch.cpu() if self._fixed_batch is not None else None,
+            "world_size": self.ctx.world_size,
+        }
+
+    def _load_state(self, state: Dict[str, Any]) -> None:
+        if state.get("method") not in (None, self.config.method):
+            raise ValueError(
+                f"{state.get('_path')}: checkpoint is for method {state['method']!r}, config says {self.config.method!r}"
+            )
+        self.method.load_state_dict(ckpt_io.strip_module_prefix(state["model"]))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.ema.load_state_dict(state["ema"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        ckpt_io.restore_rng_state(state["rng"])
+        self.loader.load_state_dict(state["data"])
+        self.step = int(state["iteration"])
+        self.images_seen = int(state.get("images_seen", 0))
+        if state.get("overfit_batch") is not None:
+            self._fixed_batch = state["overfit_batch"].to(self.device)
+
+    def save_checkpoint(self) -> Optional[Path]:
+        if not self.ctx.is_main:
+            return None
+        path = ckpt_io.atomic_torch_save(self.state_dict(), self.ckpt_dir / f"checkpoint_{self.step:08d}.pt")
+        ckpt_io.prune_checkpoints(self.ckpt_dir, self.config.checkpoint.keep_last)
+        return path
+
+    # ---------------------------------------------------------------------------- pieces
+    def _next_batch(self) -> torch.Tensor:
+        if self.overfit:
+            if self._fixed_batch is None:
+                self._fixed_batch = next(self._data_iter).to(self.device)
+            return self._fixed_batch
+        return next(self._data_iter).to(self.device, non_blocking=True)
+
+    def _train_step(self, batch: torch.Tensor) -> Dict[str, torch.Tensor]:
+        train_cfg = self.config.training
+        with autocast_context(self.config, self.device):
+            loss, metrics = self.loss_fn(batch)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, train_cfg.gradient_clip_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.ema.update()
+        metrics = dict(metrics)
+        metrics["grad_norm"] = grad_norm.detach()
+        return metrics
+
+    def _measure_flops(self, batch: torch.Tensor) -> Optional[int]:
+        """FLOPs of one train step (forward + backward) at this batch size, counted in eval mode
+        on the eager method so that no state (FMM step counter, RNG stream) moves."""
+        was_training = self.method.training
+        rng = torch.get_rng_state()
+        try:
+            self.method.eval()
+            probe = batch[: min(2, batch.shape[0])]
+
+            def run() -> None:
+                with autocast_context(self.config, self.device):
+                    loss, _ = self.method.compute_loss(probe)
+                loss.backward()
+
+            flops = count_flops(run) * batch.shape[0] // probe.shape[0]
+        except Exception as exc:  # counting is best effort; training goes on
+            self._log(f"FLOP count unavailable: {exc}")
+            flops = None
+        finally:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.method.train(was_training)
+            torch.set_rng_state(rng)
+        return flops
+
+    @torch.no_grad()
+    def sample_grid(self, tag: str) -> Optional[Path]:
+        """EMA samples → PNG in the run folder and TensorBoard."""
+        from fastflow.data import make_grid, save_image
+
+        is_fsdp = self.config.infrastructure.parallelism == "fsdp" and self.ctx.enabled
+        if not (self.ctx.is_main or is_fsdp):
+            return None
+        n = self.config.training.num_samples
+        gen = torch.Generator(device=self.device).manual_seed(self.config.infrastructure.seed)
+        was_training = self.method.training
+        self.method.eval()
+        self.ema.apply_shadow()
+        try:
+            with autocast_context(self.config, self.device):
+                samples = self.method.sample(n, self.image_shape, generator=gen, **sample_kwargs(self.config))
+        finally:
+            self.ema.restore()
+            self.method.train(was_training)
+        if not self.ctx.is_main:
+            return None
+        samples = samples.float().clamp(-1, 1).cpu()
+        nrow = max(1, int(math.sqrt(n)))
+        path = self.run_dir / f"samples_{tag}.png"
+        save_image(samples, path, nrow=nrow)
+        if self.writer is not None:
+            self.writer.add_image("samples", (make_grid(samples, nrow=nrow) + 1) / 2, self.step)
+        return path
+
+    def _log(self, message: str) -> None:
+        if self.ctx.is_main and not self.quiet:
+            print(message, flush=True)
+
+    def _install_signal_handlers(self) -> None:
+        def handler(signum, frame):  # noqa: ARG001
+            if self._stop_signal is not None:  # second Ctrl-C: stop now
+                raise KeyboardInterrupt
+            self._stop_signal = signum
+            self._log(f"\nsignal {signal.Signals(signum).name}: finishing this step, checkpointing, exiting")
+
+        self._previous_handlers = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous_handlers[sig] = signal.signal(sig, handler)
+            except ValueError:  # not the main thread (e.g. some test runners)
+                pass
+
+    def _restore_signal_handlers(self) -> None:
+        for sig, previous in getattr(self, "_previous_handlers", {}).items():
+            signal.signal(sig, previous)
+
+    # ---------------------------------------------------------------------------- loop
+    def train(self) -> Dict[str, Any]:
+        cfg, train_cfg = self.config, self.config.training
+        total = train_cfg.num_iterations
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.ctx.is_main and cfg.logging.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+            self.writer.add_text("config", "```\n" + _yaml_dump(config_to_dict(cfg)) + "\n```", self.step)
+        self._install_signal_handlers()
+        self._log(
+            f"fastflow | {cfg.method} | {self.num_params / 1e6:.2f}M params | device {self.device} | "
+            f"world {self.ctx.world_size} | batch {train_cfg.batch_size}/rank | "
+            f"{'resumed from ' + str(self.resume_path) + ' at step ' + str(self.step) if self.resume_path else 'fresh start'}"
+        )
+        self._data_iter = iter(self.loader)
+        profiler = _make_profiler(cfg, self.run_dir, self.device) if cfg.logging.profile else None
+        progress = _progress_bar(total, self.step, enabled=cfg.logging.progress_bar and self.ctx.is_main and not self.quiet)
+        last_metrics: Dict[str, float] = {}
+        window_start, window_images = time.perf_counter(), 0
+        compile_seconds: Optional[float] = None
+        reset_peak_memory(self.device)
+        self.method.train()
+        try:
+            while self.step < total:
+                batch = self._next_batch()
+                if self.flops_per_step is None and self.step == (self._resume_step() if self.resume_path else 0):
+                    self.flops_per_step = self._measure_flops(batch)
+                torch.manual_seed(step_seed(cfg.infrastructure.seed, self.ctx.rank, self.step))
+                t_step = time.perf_counter()
+                metrics = self._train_step(batch)
+                if compile_seconds is None and compile_scope(cfg) != "none":
+                    compile_seconds = time.perf_counter() - t_step  # first step = compile + run
+                    self._log(f"compile ({compile_scope(cfg)}): first step took {compile_seconds:.1f}s")
+                self.step += 1
+                global_batch = batch.shape[0] * self.ctx.world_size
+                self.images_seen += global_batch
+                window_images += global_batch
+                if profiler is not None:
+                    profiler.step()
+                if progress is not None:
+                    progress.update(1)
+
+                if self.step % train_cfg.log_every == 0 or self.step == total:
+                    # Sync point: metrics leave the device only here.
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize(self.device)
+                    elapsed = time.perf_counter() - window_start
+                    last_metrics = {k: float(v) for k, v in metrics.items()}
+                    last_metrics.update(self._perf(window_images, elapsed))
+                    self._report(last_metrics, progress)
+                    window_start, window_images = time.perf_counter(), 0
+                if self.step % train_cfg.sample_every == 0:
+                    self.sample_grid(f"{self.step:08d}")
+                if self.step % train_cfg.save_every == 0:
+                    self.save_checkpoint()
+                stop = any_rank_true(self._stop_signal is not None, self.device) if self.ctx.enabled else self._stop_signal is not None
+                if stop:
+                    break
+        finally:
+            if progress is not None:
+                progress.close()
+            if profiler is not None:
+                profiler.stop()
+            self._restore_signal_handlers()
+        interrupted = self.step < total
+        ckpt_path = self.save_checkpoint()
+        grid_path = self.sample_grid("final" if not interrupted else f"{self.step:08d}")
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
+        barrier()
+        summary = {
+            "step": self.step,
+            "interrupted": interrupted,
+            "checkpoint": str(ckpt_path) if ckpt_path else None,
+            "samples": str(grid_path) if grid_path else None,
+            "run_dir": str(self.run_dir),
+            "tensorboard": str(self.run_dir / "tensorboard"),
+            "metrics": last_metrics,
+        }
+        self._log(
+            ("interrupted at step %d; " % self.step if interrupted else "done; ")
+            + f"checkpoint: {summary['checkpoint']}\n  samples: {summary['samples']}\n"
+            f"  TensorBoard: tensorboard --logdir {summary['tensorboard']}"
+        )
+        return summary
+
+    def _resume_step(self) -> int:
+        return int(self._resume_state["iteration"]) if self._resume_state else 0
+
+    def _perf(self, images: int, seconds: float) -> Dict[str, float]:
+        perf: Dict[str, float] = {
+            "img_per_s": images / max(seconds, 1e-9),
+            "sec_per_1k_img": 1000.0 * seconds / max(images, 1),
+            "lr": self.optimizer.param_groups[0]["lr"],
+        }
+        if self.flops_per_step and self.peak_flops:
+            steps_per_s = perf["img_per_s"] / (self.config.training.batch_size * self.ctx.world_size)
+            perf["mfu"] = self.flops_per_step * self.ctx.world_size * steps_per_s / (self.peak_flops * self.ctx.world_size)
+        mem = peak_memory_bytes(self.device)
+        if mem is not None:
+            perf["peak_mem_gb"] = mem / 2**30
+        return perf
+
+    def _report(self, metrics: Dict[str, float], progress) -> None:
+        if not self.ctx.is_main:
+            return
+        if self.writer is not None:
+            for key, value in metrics.items():
+                group = "perf" if key in ("img_per_s", "sec_per_1k_img", "mfu", "peak_mem_gb") else "train"
+                self.writer.add_scalar(f"{group}/{key}", value, self.step)
+            self.writer.add_scalar("train/images_seen", self.images_seen, self.step)
+        keys = [k for k in ("loss", "derivative_loss", "reconstruction_loss", "current_gap", "grad_norm") if k in metrics]
+        line = f"step {self.step:>7d} | " + " | ".join(f"{k} {metrics[k]:.4g}" for k in keys)
+        line += f" | {metrics['img_per_s']:.1f} img/s | {metrics['sec_per_1k_img']:.2f} s/1k img"
+        if "mfu" in metrics:
+            line += f" | MFU {100 * metrics['mfu']:.1f}%"
+        if "peak_mem_gb" in metrics:
+            line += f" | mem {metrics['peak_mem_gb']:.2f} GB"
+        if progress is not None:
+            progress.write(line)
+        elif not self.quiet:
+            print(line, flush=True)
+
+
+def _yaml_dump(data: Dict[str, Any]) -> str:
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
+                mininterval=0.5 if sys.stderr.isatty() else 10.0, file=sys.stderr)
+
+
+def _make_profiler(config: Config, run_dir: Path, device: torch.device):
+    """torch.profiler on a wait/warmup/active schedule with shapes and memory → TensorBoard traces."""
+    from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    log = config.logging
+    prof = profile(
+        activities=activities,
+        schedule=schedule(wait=log.profile_wait, warmup=log.profile_warmup, active=log.profile_active, repeat=1),
+        on_trace_ready=tensorboard_trace_handler(str(run_dir / "profile")),
+        record_shapes=True,
+        profile_memory=True,
+        with_stack=False,
+    )
+    prof.start()
+    return prof
+
+
+def train_from_config(config: Config, *, resume: Optional[str] = None, overfit: bool = False, quiet: bool = False) -> Dict[str, Any]:
+    """Run a whole training job; the CLI's entry point. Dumps a CUDA memory snapshot on OOM."""
+    if config.logging.profile and torch.cuda.is_available():
+        torch.cuda.memory._record_memory_history(max_entries=100_000)
+    trainer = Trainer(config, resume=resume, overfit=overfit, quiet=quiet)
+    try:
+        return trainer.train()
+    except torch.cuda.OutOfMemoryError:
+        if torch.cuda.is_available():
+            snapshot = trainer.run_dir / f"oom_snapshot_rank{trainer.ctx.rank}.pickle"
+            torch.cuda.memory._dump_snapshot(str(snapshot))
+            print(f"CUDA out of memory; memory snapshot written to {snapshot} (open it at pytorch.org/memory_viz)",
+                  file=sys.stderr)
+        raise

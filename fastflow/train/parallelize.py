@@ -1,0 +1,68 @@
+"""How a method is compiled and sharded — the models know nothing of it (torchtitan style).
+
+Order: compile first (per block or the whole loss), then wrap for data parallelism.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Tuple
+
+import torch
+from torch import nn
+
+from fastflow.train.distributed import DistContext
+
+
+def compile_scope(config: Any) -> str:
+    infra = config.infrastructure
+    if infra.compile != "none":
+        return infra.compile
+    return "block" if infra.compile_model else "none"
+
+
+def unet_of(model: nn.Module) -> nn.Module:
+    """The UNet inside a network (itself, or a DualTimeUNet's)."""
+    return getattr(model, "unet", model)
+
+
+def unet_blocks(model: nn.Module) -> list:
+    """The UNet's top-level blocks in execution order (the unit of compile and of sharding)."""
+    unet = unet_of(model)
+    return [*unet.down_blocks, *unet.middle_blocks, *unet.up_blocks]
+
+
+def apply_compile(method: nn.Module, config: Any) -> None:
+    """``block`` scope: compile each top-level UNet block in place (one graph per block shape)."""
+    mode = config.infrastructure.compile_mode
+    kwargs = {} if mode == "default" else {"mode": mode}
+    for block in unet_blocks(method.model):
+        block.compile(**kwargs)
+
+
+def build_train_module(method: nn.Module, config: Any, ctx: DistContext) -> Tuple[Callable, nn.Module]:
+    """Return (loss_fn, wrapped) where ``loss_fn(batch) -> (loss, metrics)`` runs one step's loss.
+
+    ``wrapped`` is what owns the parameters the optimizer sees (the method itself, or its
+    DDP/FSDP-wrapped form).
+    """
+    scope = compile_scope(config)
+    if scope == "block":
+        apply_compile(method, config)
+    parallelism = config.infrastructure.parallelism if ctx.world_size > 1 else "none"
+    wrapped: nn.Module = method
+    if parallelism == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        # The method's forward is compute_loss: one DDP forward per step, however many network
+        # evaluations the loss makes (FMM makes three), so the gradient all-reduce fires once.
+        wrapped = DDP(method, device_ids=device_ids, broadcast_buffers=False)
+    elif parallelism == "fsdp":
+        from fastflow.train import fsdp
+
+        wrapped = fsdp.apply_fsdp(method, config, ctx)
+    loss_fn: Callable = wrapped
+    if scope == "step":
+        mode = config.infrastructure.compile_mode
+        loss_fn = torch.compile(wrapped, **({} if mode == "default" else {"mode": mode}))
+    return loss_fn, wrapped
