@@ -219,6 +219,11 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{source}: {key} must be a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
@@ -268,6 +273,12 @@ def _validate(cfg: Config, source: str) -> None:
         raise ConfigError(
             f"{source}: model.base_channels={cfg.model.base_channels} must be divisible by "
             f"model.num_groups={cfg.model.num_groups}"
+        )
+    levels = len(cfg.model.channel_mult)
+    if levels == 0 or cfg.data.image_size % (2 ** (levels - 1)) != 0:
+        raise ConfigError(
+            f"{source}: data.image_size={cfg.data.image_size} must be divisible by 2^(len(model.channel_mult) - 1)"
+            f" = {2 ** max(levels - 1, 0)} (model.channel_mult={cfg.model.channel_mult})"
         )
     fmm = cfg.flow_map_matching
     if not 0.0 < fmm.initial_gap <= 1.0:

@@ -128,6 +128,8 @@ class DDPM(BaseMethod):
     @staticmethod
     def ddim_timesteps(num_timesteps: int, num_steps: int) -> list:
         """[T−1, …, 0] evenly spaced (num_steps of them), then the −1 sentinel."""
+        if num_steps == 1:  # linspace would give [0]: one step must start from pure noise
+            return [num_timesteps - 1, -1]
         steps = torch.linspace(0, num_timesteps - 1, num_steps).long().flip(0).tolist()
         return steps + [-1]
 

@@ -19,13 +19,16 @@ Dual = Tuple[Tensor, Optional[Tensor]]
 
 
 def add(a: Tensor, a_dot: Optional[Tensor], b: Tensor, b_dot: Optional[Tensor]) -> Dual:
-    if a_dot is None:
-        out_dot = b_dot
-    elif b_dot is None:
-        out_dot = a_dot
-    else:
-        out_dot = a_dot + b_dot
-    return a + b, out_dot
+    """a + b with broadcasting; a lone tangent is broadcast to the output's shape."""
+    out = a + b
+    if a_dot is None and b_dot is None:
+        return out, None
+    if a_dot is None or b_dot is None:
+        out_dot = a_dot if b_dot is None else b_dot
+        if out_dot.shape != out.shape:
+            out_dot = out_dot.expand(out.shape).contiguous()
+        return out, out_dot
+    return out, a_dot + b_dot
 
 
 def silu(x: Tensor, x_dot: Optional[Tensor]) -> Dual:
