@@ -36,7 +36,8 @@ def silu(x: Tensor, x_dot: Optional[Tensor]) -> Dual:
     if x_dot is None:
         return F.silu(x), None
     sig = torch.sigmoid(x)
-    return x * sig, x_dot * (sig * (1 + x * (1 - sig)))
+    # Primal through F.silu in both branches: the dual pass's v is bitwise the plain forward's.
+    return F.silu(x), x_dot * (sig * (1 + x * (1 - sig)))
 
 
 def linear(layer: nn.Linear, x: Tensor, x_dot: Optional[Tensor]) -> Dual:
