@@ -22,7 +22,12 @@ if cpp_sources and os.environ.get("FASTFLOW_NO_EXT", "0") != "1":
         CppExtension(
             name="fastflow._C",
             sources=cpp_sources,
-            extra_compile_args={"cxx": ["-O3", "-fopenmp", "-march=x86-64-v2", "-std=c++17"]},
+            # Baseline x86-64-v2; the hot kernels also carry an x86-64-v3 (AVX2+FMA) clone chosen
+            # at load time (csrc/simd.h, target_clones). -ffp-contract=fast lets a*b+c become an
+            # FMA in that clone (ISO -std=c++20 turns contraction off). torch 2.14 headers need C++20.
+            extra_compile_args={
+                "cxx": ["-O3", "-fopenmp", "-march=x86-64-v2", "-std=c++20", "-ffp-contract=fast", "-Wno-psabi"]
+            },
             extra_link_args=["-fopenmp"],
         )
     )
