@@ -1,0 +1,150 @@
+"""Trend table between the latest two result files of a device.
+
+    python bench/compare.py                          # every device in bench/results/ with results
+    python bench/compare.py --device nvidia-h200     # one device
+    python bench/compare.py OLD.json NEW.json        # two given files (ours or --benchmark-json ones)
+
+Result files are ``bench/results/<device-slug>_<YYYY-MM-DD>.json`` (written by
+``pytest bench/ --benchmark-only --bench-save`` and by the GPU suite). For each benchmark it prints
+the median time, img/s (when the case reports it) and the change in percent; a positive img/s
+change and a negative time change are improvements.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def load_results(path: Path) -> Dict[str, Any]:
+    """A result file (``bench.utils.write_results``'s, or pytest-benchmark's ``--benchmark-json``) as
+    ``{'device': {..., 'slug', 'date'}, 'benchmarks': [...], 'path', 'source', 'bench_size'}``."""
+    path = Path(path)
+    doc = json.loads(path.read_text())
+    device = doc.get("device")
+    if device is None:  # pytest-benchmark's own JSON: bench/conftest.py adds machine_info['fastflow_device']
+        machine = doc.get("machine_info", {})
+        device = dict(machine.get("fastflow_device") or {})
+        device.setdefault("date", str(doc.get("datetime", ""))[:10])
+    stem_slug, _, stem_date = path.stem.rpartition("_")
+    if re.fullmatch(r"\d{4}-\d{2}-\d{2}", stem_date):
+        device.setdefault("slug", stem_slug)
+        device.setdefault("date", stem_date)
+    device.setdefault("slug", path.stem)
+    device.setdefault("device_name", device["slug"])
+    return {"device": device, "benchmarks": doc.get("benchmarks", []), "path": str(path),
+            "source": doc.get("source", "pytest"), "bench_size": doc.get("bench_size")}
+
+
+def result_files(results_dir: Path) -> Dict[str, List[Path]]:
+    """slug -> result files sorted oldest → newest (by the date in the name, then mtime)."""
+    by_slug: Dict[str, List[Tuple[str, float, Path]]] = defaultdict(list)
+    for path in Path(results_dir).glob("*.json"):
+        slug, _, date = path.stem.rpartition("_")
+        if slug and len(date) == 10:
+            by_slug[slug].append((date, path.stat().st_mtime, path))
+    return {slug: [p for _, _, p in sorted(items)] for slug, items in by_slug.items()}
+
+
+def format_time(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "-"
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
+        if seconds >= scale:
+            return f"{seconds / scale:.3g} {unit}"
+    return f"{seconds / 1e-9:.3g} ns"
+
+
+def format_rate(value: Optional[float]) -> str:
+    return "-" if value is None else (f"{value:,.0f}" if value >= 100 else f"{value:.3g}")
+
+
+def change(old: Optional[float], new: Optional[float]) -> str:
+    if not old or new is None:
+        return "-"
+    return f"{100.0 * (new - old) / old:+.1f}%"
+
+
+def _key(record: Dict[str, Any]) -> str:
+    return record.get("fullname") or record["name"]
+
+
+def _median(record: Optional[Dict[str, Any]]) -> Optional[float]:
+    return None if record is None else (record.get("stats") or {}).get("median")
+
+
+def _img_s(record: Optional[Dict[str, Any]]) -> Optional[float]:
+    return None if record is None else (record.get("extra_info") or {}).get("img_per_s")
+
+
+def trend_rows(old: Optional[Dict[str, Any]], new: Dict[str, Any]) -> List[List[str]]:
+    old_by = {_key(r): r for r in (old or {}).get("benchmarks", [])}
+    new_by = {_key(r): r for r in new["benchmarks"]}
+    names = sorted(set(old_by) | set(new_by), key=lambda k: ((new_by.get(k) or old_by.get(k)).get("group") or "", k))
+    rows = []
+    for name in names:
+        o, n = old_by.get(name), new_by.get(name)
+        rec = n or o
+        label = f"{rec.get('group') or ''}: {rec['name']}".strip(": ")
+        if n is None:
+            label += " (gone)"
+        elif o is None and old is not None:
+            label += " (new)"
+        rows.append([
+            label, format_time(_median(o)), format_time(_median(n)), change(_median(o), _median(n)),
+            format_rate(_img_s(o)), format_rate(_img_s(n)), change(_img_s(o), _img_s(n)),
+        ])
+    return rows
+
+
+def render(rows: Sequence[Sequence[str]], headers: Sequence[str]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
+    line = lambda cells: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)  # noqa: E731
+                                   for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def compare(old_path: Optional[Path], new_path: Path) -> str:
+    new = load_results(new_path)
+    old = load_results(old_path) if old_path is not None else None
+    dev = new["device"]
+    title = f"{dev.get('device_name', dev.get('slug'))} [{dev.get('slug')}]: "
+    title += f"{Path(old_path).name} -> {Path(new_path).name}" if old_path else f"{Path(new_path).name} (no earlier result)"
+    headers = ["benchmark", "median old", "median new", "Δ time", "img/s old", "img/s new", "Δ img/s"]
+    return title + "\n" + render(trend_rows(old, new), headers)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("files", nargs="*", type=Path, help="OLD NEW result files (default: latest two per device)")
+    parser.add_argument("--device", help="device slug, e.g. nvidia-h200 or cpu-amd-epyc-2t")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
+    args = parser.parse_args(argv)
+    if args.files:
+        if len(args.files) != 2:
+            parser.error("give two files (OLD NEW) or none")
+        print(compare(args.files[0], args.files[1]))
+        return 0
+    files = result_files(args.results_dir)
+    if args.device:
+        files = {k: v for k, v in files.items() if k == args.device}
+    if not files:
+        print(f"no result files{' for ' + args.device if args.device else ''} in {args.results_dir}")
+        return 1
+    blocks = []
+    for slug in sorted(files):
+        paths = files[slug]
+        blocks.append(compare(paths[-2] if len(paths) > 1 else None, paths[-1]))
+    print("\n\n".join(blocks))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
