@@ -38,7 +38,7 @@ class FlowMapMatching(BaseMethod):
         derivative: str = "dual",
         derivative_grad: bool = True,
         derivative_precision: str = "float32",
-        fd_step: float = 1e-3,
+        fd_step: float = 5e-5,
     ):
         super().__init__(model)
         if annealing_schedule not in ("linear", "cosine", "none"):

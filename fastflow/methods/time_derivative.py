@@ -69,7 +69,7 @@ def jvp_derivative(model: Callable, x: Tensor, s: Tensor, t: Tensor, precision: 
 
 
 def finite_difference_derivative(
-    model: Callable, x: Tensor, s: Tensor, t: Tensor, h: float = 1e-3, precision: str = "autocast"
+    model: Callable, x: Tensor, s: Tensor, t: Tensor, h: float = 5e-5, precision: str = "float32"
 ) -> Tuple[Tensor, Tensor]:
     """(v, ∂_t v) ≈ ((v₊ + v₋)/2, (v₊ − v₋)/2h), v± = model(x, s, t ± h) in one doubled-batch forward.
 
@@ -99,7 +99,7 @@ def velocity_and_time_derivative(
     t: Tensor,
     backend: str = "dual",
     *,
-    fd_step: float = 1e-3,
+    fd_step: float = 5e-5,
     precision: str = "float32",
     derivative_grad: bool = True,
 ) -> Tuple[Tensor, Tensor]:
