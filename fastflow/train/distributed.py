@@ -1,9 +1,11 @@
-"""Process-group set-up from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK)."""
+"""Process-group set-up from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK), and the few
+collectives the loop needs (stop flag, broadcast of a Python object)."""
 
 from __future__ import annotations
 
 import datetime
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +47,15 @@ def init_distributed(device_name: str = "auto") -> DistContext:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
+        if rank == 0 and restart_count() == 0 and elastic_run_id() and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            warnings.warn(
+                "torchrun --max-restarts with the agent's rendezvous store shared with the workers: after a "
+                "restart, workers can read the previous attempt's addresses from it and fail to connect "
+                "(measured here about every other restart; pytorch/pytorch#135712). Launch with "
+                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun ...",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
@@ -62,6 +73,27 @@ def any_rank_true(flag: bool, device: torch.device) -> bool:
     value = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
+
+
+def broadcast_object(obj, src: int = 0):
+    """``obj`` from rank ``src`` on every rank (pickled); ``obj`` itself without a process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]
+
+
+def restart_count() -> int:
+    """How many times torchrun (``--max-restarts``) has restarted this job's workers."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
+def elastic_run_id() -> str | None:
+    """torchrun's run id when restarts are enabled (constant across restarts of one job)."""
+    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0:
+        return os.environ.get("TORCHELASTIC_RUN_ID")
+    return None
 
 
 def cleanup() -> None:

@@ -14,7 +14,8 @@ class EMA:
     ``n`` counts updates. Shadows are float32 copies of the trainable parameters (kept on the
     parameters' device). ``apply_shadow()`` swaps them into the model for sampling and
     ``restore()`` swaps the training weights back. Works on DTensor (FSDP2) parameters too: the
-    shadow is a local shard of the same placement.
+    shadow is a DTensor of the same placement (its local shard), ``_foreach_lerp_`` runs shard-wise
+    with no communication, and ``load_state_dict`` takes full or sharded shadows.
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.9999, warmup_steps: int = 0):
@@ -73,5 +74,17 @@ class EMA:
         if missing:
             raise KeyError(f"EMA state is missing parameters: {sorted(missing)[:5]} ...")
         self.step = int(state["step"])
-        for n in self.names:
-            self.shadow[n].copy_(shadow[n])
+        with torch.no_grad():
+            for n in self.names:
+                self.shadow[n].copy_(_like(shadow[n], self.shadow[n]))
+
+
+def _like(source: Tensor, target: Tensor) -> Tensor:
+    """``source`` in ``target``'s layout: a full tensor is cut to the local shard of a DTensor
+    target (each rank holds the full tensor, so no communication)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(target, DTensor) and not isinstance(source, DTensor):
+        return distribute_tensor(source.to(target.device, target.dtype), target.device_mesh, target.placements,
+                                 src_data_rank=None)
+    return source

@@ -15,7 +15,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -23,10 +23,23 @@ from torch import nn
 from fastflow.config import Config, config_to_dict
 from fastflow.methods import create_method_from_config
 from fastflow.train import checkpoint as ckpt_io
-from fastflow.train.distributed import DistContext, any_rank_true, barrier, init_distributed
+from fastflow.train.distributed import (
+    DistContext,
+    any_rank_true,
+    barrier,
+    broadcast_object,
+    cleanup,
+    elastic_run_id,
+    init_distributed,
+    restart_count,
+)
 from fastflow.train.ema import EMA
 from fastflow.train.metrics import count_flops, device_peak_flops, peak_memory_bytes, reset_peak_memory
 from fastflow.train.parallelize import build_train_module, compile_scope
+
+# Test hook: "<rank>:<step>" makes that rank die (os._exit) right after that step, on the first
+# attempt only (torchrun's TORCHELASTIC_RESTART_COUNT == 0), to exercise --max-restarts resume.
+FAULT_INJECT_ENV = "FASTFLOW_FAULT_INJECT"
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
@@ -68,24 +81,35 @@ class Trainer:
         if infra.channels_last:
             self.method.model.to(memory_format=torch.channels_last)
         self.num_params = sum(p.numel() for p in self.method.model.parameters())
+        self.image_shape = (config.data.channels, config.data.image_size, config.data.image_size)
+        # FLOPs feed MFU only, which needs the device's peak (unknown on the CPU). Counted on the
+        # plain method, before compile and sharding wrap it.
+        self.peak_flops = device_peak_flops(self.device)
+        self.flops_per_step: Optional[int] = self._measure_flops(train_cfg.batch_size) if self.peak_flops else None
+        # FSDP runs write sharded (DCP) checkpoints, even on one rank, so that a run keeps one kind.
+        self.sharded_checkpoints = infra.parallelism == "fsdp"
 
-        resume = resume or config.checkpoint.resume
-        self.resume_path: Optional[Path] = None
+        # Rank 0 decides which checkpoint (and run name) every rank resumes from.
+        found: Any = None
+        if self.ctx.is_main:
+            try:
+                found = self._find_resume(resume)
+            except Exception as exc:  # every rank raises it, none waits on the broadcast
+                found = exc
+        found = broadcast_object(found)
+        if isinstance(found, Exception):
+            raise found
+        self.resume_path, run_name = found
         self._resume_state: Optional[Dict[str, Any]] = None
-        run_name = config.logging.run_name
-        if resume:
-            if resume == "auto":
-                if run_name is None:
-                    raise ValueError("checkpoint.resume=auto needs logging.run_name (which run to resume)")
-                found = ckpt_io.latest_checkpoint(Path(config.checkpoint.dir) / run_name)
-                resume = str(found) if found else None
-            if resume:
-                self.resume_path = ckpt_io.resolve_checkpoint(resume)
+        if self.resume_path is not None:
+            if ckpt_io.is_sharded_checkpoint(self.resume_path):
+                self._resume_state = ckpt_io.load_sharded_meta(self.resume_path, self.ctx.rank)
+            else:
                 self._resume_state = ckpt_io.load_checkpoint(self.resume_path, map_location="cpu")
-                run_name = run_name or self._resume_state.get("run_name")
-        self.run_name = run_name or f"{config.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+        self.run_name = run_name
         self.run_dir = Path(config.logging.dir) / self.run_name
         self.ckpt_dir = Path(config.checkpoint.dir) / self.run_name
+        self._saved: Optional[Tuple[int, Optional[Path]]] = None  # (step, path) of the last save
 
         self.loss_fn, self.wrapped = build_train_module(self.method, config, self.ctx)
         fused_adam = self.device.type == "cuda"
@@ -105,7 +129,6 @@ class Trainer:
         self.loader = create_dataloader_from_config(
             config, rank=self.ctx.rank, world_size=self.ctx.world_size, seed=infra.seed, device=self.device
         )
-        self.image_shape = (config.data.channels, config.data.image_size, config.data.image_size)
         self.step = 0
         self.images_seen = 0
         self._fixed_batch: Optional[torch.Tensor] = None
@@ -113,8 +136,28 @@ class Trainer:
         if self._resume_state is not None:
             self._load_state(self._resume_state)
         self.writer = None
-        self.flops_per_step: Optional[int] = None
-        self.peak_flops = device_peak_flops(self.device)
+
+    def _find_resume(self, resume: Optional[str]) -> Tuple[Optional[Path], str]:
+        """(checkpoint to resume from or None, run name). ``auto`` is implied after a torchrun
+        restart; without logging.run_name, a job run with --max-restarts is named by its run id."""
+        config = self.config
+        run_name = config.logging.run_name
+        if run_name is None and elastic_run_id():
+            run_name = f"{config.method}-{elastic_run_id()}"
+        resume = resume or config.checkpoint.resume or ("auto" if restart_count() > 0 else None)
+        path: Optional[Path] = None
+        if resume == "auto":
+            if run_name is None:
+                raise ValueError("checkpoint.resume=auto needs logging.run_name (which run to resume)")
+            path = ckpt_io.latest_checkpoint(Path(config.checkpoint.dir) / run_name)
+        elif resume:
+            path = ckpt_io.resolve_checkpoint(resume)
+        if path is not None and run_name is None:
+            if ckpt_io.is_sharded_checkpoint(path):
+                run_name = ckpt_io.load_sharded_meta(path, 0).get("run_name")
+            else:
+                run_name = ckpt_io.load_checkpoint(path, map_location="cpu").get("run_name")
+        return path, run_name or f"{config.method}-{time.strftime('%Y%m%d-%H%M%S')}"
 
     # ---------------------------------------------------------------------------- state
     def state_dict(self) -> Dict[str, Any]:
@@ -135,28 +178,78 @@ class Trainer:
             "world_size": self.ctx.world_size,
         }
 
+    def _sharded_meta(self) -> Dict[str, Any]:
+        """What a sharded checkpoint keeps besides tensors (same on every rank; rank 0 writes it)."""
+        return {
+            "format": "fastflow-sharded",
+            "iteration": self.step,
+            "images_seen": self.images_seen,
+            "run_name": self.run_name,
+            "method": self.config.method,
+            "config": config_to_dict(self.config),
+            "method_config": self.method.method_config(),
+            "data": self.loader.state_dict(),
+            "ema": {"decay": self.ema.decay, "warmup_steps": self.ema.warmup_steps, "step": self.ema.step},
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "world_size": self.ctx.world_size,
+        }
+
+    def _rank_state(self) -> Dict[str, Any]:
+        return {"rng": ckpt_io.capture_rng_state(),
+                "overfit_batch": self._fixed_batch.cpu() if self._fixed_batch is not None else None}
+
     def _load_state(self, state: Dict[str, Any]) -> None:
         if state.get("method") not in (None, self.config.method):
             raise ValueError(
                 f"{state.get('_path')}: checkpoint is for method {state['method']!r}, config says {self.config.method!r}"
             )
-        self.method.load_state_dict(ckpt_io.strip_module_prefix(state["model"]))
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.ema.load_state_dict(state["ema"])
+        from fastflow.train.fsdp import is_sharded
+
+        same_world = int(state.get("world_size", 1)) == self.ctx.world_size
+        if state.get("format") == "fastflow-sharded":
+            ckpt_io.load_sharded_checkpoint(state["_path"], method=self.method, optimizer=self.optimizer, ema=self.ema)
+            self.ema.step = int(state["ema"]["step"])
+            rank_state = state.get("rank_state") if same_world else None
+            if rank_state is not None:
+                ckpt_io.restore_rng_state(rank_state["rng"])
+                if rank_state.get("overfit_batch") is not None:
+                    self._fixed_batch = rank_state["overfit_batch"].to(self.device)
+        else:
+            if is_sharded(self.method):
+                names = [n for n, p in self.method.named_parameters() if p.requires_grad]
+                ckpt_io.load_full_state_into_sharded(state, method=self.method, optimizer=self.optimizer, param_names=names)
+            else:
+                self.method.load_state_dict(ckpt_io.strip_module_prefix(state["model"]))
+                self.optimizer.load_state_dict(state["optimizer"])
+            self.ema.load_state_dict(state["ema"])
+            ckpt_io.restore_rng_state(state["rng"])
+            if state.get("overfit_batch") is not None:
+                self._fixed_batch = state["overfit_batch"].to(self.device)
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        ckpt_io.restore_rng_state(state["rng"])
-        self.loader.load_state_dict(state["data"])
+        # On another world size the data position is rescaled by images seen (approximate).
+        self.loader.load_state_dict(state["data"], strict=same_world)
         self.step = int(state["iteration"])
         self.images_seen = int(state.get("images_seen", 0))
-        if state.get("overfit_batch") is not None:
-            self._fixed_batch = state["overfit_batch"].to(self.device)
+        self._saved = (self.step, Path(state["_path"]))  # that step is on disk already
 
     def save_checkpoint(self) -> Optional[Path]:
-        if not self.ctx.is_main:
-            return None
-        path = ckpt_io.atomic_torch_save(self.state_dict(), self.ckpt_dir / f"checkpoint_{self.step:08d}.pt")
-        ckpt_io.prune_checkpoints(self.ckpt_dir, self.config.checkpoint.keep_last)
+        """Collective under FSDP (every rank writes its shards); rank 0 alone otherwise. Returns
+        the checkpoint's path (on every rank for sharded checkpoints, on rank 0 otherwise)."""
+        if self._saved is not None and self._saved[0] == self.step:  # nothing changed since
+            return self._saved[1]
+        keep_last = self.config.checkpoint.keep_last
+        if self.sharded_checkpoints:
+            path: Optional[Path] = ckpt_io.save_sharded_checkpoint(
+                self.ckpt_dir, self.step, method=self.method, optimizer=self.optimizer, ema=self.ema,
+                meta=self._sharded_meta(), rank_state=self._rank_state(), rank=self.ctx.rank, keep_last=keep_last,
+            )
+        elif self.ctx.is_main:
+            path = ckpt_io.atomic_torch_save(self.state_dict(), self.ckpt_dir / f"checkpoint_{self.step:08d}.pt")
+            ckpt_io.prune_checkpoints(self.ckpt_dir, keep_last)
+        else:
+            path = None
+        self._saved = (self.step, path)
         return path
 
     # ---------------------------------------------------------------------------- pieces
@@ -189,26 +282,27 @@ class Trainer:
         metrics["grad_norm"] = grad_norm.detach()
         return metrics
 
-    def _measure_flops(self, batch: torch.Tensor) -> Optional[int]:
-        """FLOPs of one train step (forward + backward) at this batch size, counted in eval mode
-        on the eager method so that no state (FMM step counter, RNG stream) moves."""
+    def _measure_flops(self, batch_size: int) -> Optional[int]:
+        """FLOPs of one train step (forward + backward) at ``batch_size``, counted on a 2-image
+        probe in eval mode on the plain (not yet compiled or sharded) method, so that no state
+        (FMM step counter, RNG stream) moves."""
         was_training = self.method.training
         rng = torch.get_rng_state()
         try:
             self.method.eval()
-            probe = batch[: min(2, batch.shape[0])]
+            probe = torch.randn(min(2, batch_size), *self.image_shape, device=self.device)
 
             def run() -> None:
                 with autocast_context(self.config, self.device):
                     loss, _ = self.method.compute_loss(probe)
                 loss.backward()
 
-            flops = count_flops(run) * batch.shape[0] // probe.shape[0]
+            flops = count_flops(run) * batch_size // probe.shape[0]
         except Exception as exc:  # counting is best effort; training goes on
             self._log(f"FLOP count unavailable: {exc}")
             flops = None
         finally:
-            self.optimizer.zero_grad(set_to_none=True)
+            self.method.zero_grad(set_to_none=True)
             self.method.train(was_training)
             torch.set_rng_state(rng)
         return flops
@@ -217,19 +311,26 @@ class Trainer:
     def sample_grid(self, tag: str) -> Optional[Path]:
         """EMA samples → PNG in the run folder and TensorBoard."""
         from fastflow.data import make_grid, save_image
+        from fastflow.train.fsdp import is_sharded, reshard_all
 
-        is_fsdp = self.config.infrastructure.parallelism == "fsdp" and self.ctx.enabled
-        if not (self.ctx.is_main or is_fsdp):
+        # Under FSDP every forward all-gathers, so every rank samples (same generator seed, same
+        # samples) and rank 0 saves; otherwise rank 0 alone samples.
+        sharded = is_sharded(self.method)
+        if not (self.ctx.is_main or sharded):
             return None
         n = self.config.training.num_samples
         gen = torch.Generator(device=self.device).manual_seed(self.config.infrastructure.seed)
         was_training = self.method.training
         self.method.eval()
+        if sharded:  # the swap writes the shards: no gathered copy may outlive it
+            reshard_all(self.method)
         self.ema.apply_shadow()
         try:
             with autocast_context(self.config, self.device):
                 samples = self.method.sample(n, self.image_shape, generator=gen, **sample_kwargs(self.config))
         finally:
+            if sharded:
+                reshard_all(self.method)
             self.ema.restore()
             self.method.train(was_training)
         if not self.ctx.is_main:
@@ -291,8 +392,6 @@ class Trainer:
         try:
             while self.step < total:
                 batch = self._next_batch()
-                if self.flops_per_step is None and self.step == (self._resume_step() if self.resume_path else 0):
-                    self.flops_per_step = self._measure_flops(batch)
                 torch.manual_seed(step_seed(cfg.infrastructure.seed, self.ctx.rank, self.step))
                 t_step = time.perf_counter()
                 metrics = self._train_step(batch)
@@ -321,6 +420,8 @@ class Trainer:
                     self.sample_grid(f"{self.step:08d}")
                 if self.step % train_cfg.save_every == 0:
                     self.save_checkpoint()
+                self._maybe_inject_fault()
+                # One tiny all-reduce: a signal on any rank stops every rank after the same step.
                 stop = any_rank_true(self._stop_signal is not None, self.device) if self.ctx.enabled else self._stop_signal is not None
                 if stop:
                     break
@@ -331,8 +432,9 @@ class Trainer:
                 profiler.stop()
             self._restore_signal_handlers()
         interrupted = self.step < total
-        ckpt_path = self.save_checkpoint()
-        grid_path = self.sample_grid("final" if not interrupted else f"{self.step:08d}")
+        ckpt_path = self.save_checkpoint()  # collective under FSDP: every rank broke at this step
+        # Interrupted (a signal, e.g. preemption): checkpoint and leave; no sampling.
+        grid_path = None if interrupted else self.sample_grid("final")
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()
@@ -353,8 +455,14 @@ class Trainer:
         )
         return summary
 
-    def _resume_step(self) -> int:
-        return int(self._resume_state["iteration"]) if self._resume_state else 0
+    def _maybe_inject_fault(self) -> None:
+        spec = os.environ.get(FAULT_INJECT_ENV)
+        if not spec or restart_count() > 0:
+            return
+        rank, step = (int(v) for v in spec.split(":"))
+        if self.ctx.rank == rank and self.step == step:
+            print(f"[rank {rank}] {FAULT_INJECT_ENV}: dying after step {step}", file=sys.stderr, flush=True)
+            os._exit(17)
 
     def _perf(self, images: int, seconds: float) -> Dict[str, float]:
         perf: Dict[str, float] = {
@@ -438,3 +546,5 @@ def train_from_config(config: Config, *, resume: Optional[str] = None, overfit: 
             print(f"CUDA out of memory; memory snapshot written to {snapshot} (open it at pytorch.org/memory_viz)",
                   file=sys.stderr)
         raise
+    finally:
+        cleanup()

@@ -1,6 +1,7 @@
 """How a method is compiled and sharded — the models know nothing of it (torchtitan style).
 
-Order: compile first (per block or the whole loss), then wrap for data parallelism.
+Order (torchtitan's): ``block`` compiles each top-level UNet block in place, then DDP or FSDP2
+wraps the method; ``step`` compiles the wrapped loss as a whole.
 """
 
 from __future__ import annotations
@@ -32,11 +33,23 @@ def unet_blocks(model: nn.Module) -> list:
 
 
 def apply_compile(method: nn.Module, config: Any) -> None:
-    """``block`` scope: compile each top-level UNet block in place (one graph per block shape)."""
-    mode = config.infrastructure.compile_mode
-    kwargs = {} if mode == "default" else {"mode": mode}
+    """``block`` scope: compile each top-level UNet block in place, whole-graph (``fullgraph``).
+
+    ``dynamic=False``: blocks of one class run at several shapes (levels, and the doubled batch of
+    finite differences), which makes Dynamo's automatic dynamic shapes kick in, and Inductor then
+    fails on the CPU ("cannot determine truth value of Relational"); static graphs per shape
+    compile (one per block class × shape × plain/tangent mode), so the recompile limit is raised
+    to hold them. Done before sharding (torchtitan order): FSDP2's hooks stay outside the graphs.
+    """
     for block in unet_blocks(method.model):
-        block.compile(**kwargs)
+        block.compile(fullgraph=True, **_compile_kwargs(config))
+
+
+def _compile_kwargs(config: Any) -> dict:
+    """Static shapes for both scopes (see apply_compile), with room for one graph per shape."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    mode = config.infrastructure.compile_mode
+    return {"dynamic": False, **({} if mode == "default" else {"mode": mode})}
 
 
 def build_train_module(method: nn.Module, config: Any, ctx: DistContext) -> Tuple[Callable, nn.Module]:
@@ -48,6 +61,10 @@ def build_train_module(method: nn.Module, config: Any, ctx: DistContext) -> Tupl
     scope = compile_scope(config)
     if scope == "block":
         apply_compile(method, config)
+    if config.infrastructure.parallelism == "fsdp":  # unsupported combinations fail early, on any world size
+        from fastflow.train.fsdp import check_fsdp_config
+
+        check_fsdp_config(config, ctx.device)
     parallelism = config.infrastructure.parallelism if ctx.world_size > 1 else "none"
     wrapped: nn.Module = method
     if parallelism == "ddp":
@@ -63,6 +80,8 @@ def build_train_module(method: nn.Module, config: Any, ctx: DistContext) -> Tupl
         wrapped = fsdp.apply_fsdp(method, config, ctx)
     loss_fn: Callable = wrapped
     if scope == "step":
-        mode = config.infrastructure.compile_mode
-        loss_fn = torch.compile(wrapped, **({} if mode == "default" else {"mode": mode}))
+        # The whole loss as one program, compiled around the wrapper: Dynamo splits DDP's graph at
+        # its gradient buckets (DDPOptimizer) and breaks the graph at FSDP2's per-block hooks
+        # (each block then compiles as its own frame, as with ``block``).
+        loss_fn = torch.compile(wrapped, **_compile_kwargs(config))
     return loss_fn, wrapped
