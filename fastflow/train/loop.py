@@ -534,6 +534,12 @@ def _make_profiler(config: Config, run_dir: Path, device: torch.device):
 
 def train_from_config(config: Config, *, resume: Optional[str] = None, overfit: bool = False, quiet: bool = False) -> Dict[str, Any]:
     """Run a whole training job; the CLI's entry point. Dumps a CUDA memory snapshot on OOM."""
+    if torch.cuda.is_available():
+        # float32 matmuls/convs (the jvp backend's float32 pass) on TF32 tensor cores; cuDNN
+        # autotunes conv algorithms for the fixed training shapes. The benchmarks run the same way.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
     if config.logging.profile and torch.cuda.is_available():
         torch.cuda.memory._record_memory_history(max_entries=100_000)
     trainer = Trainer(config, resume=resume, overfit=overfit, quiet=quiet)
