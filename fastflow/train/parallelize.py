@@ -73,7 +73,13 @@ def build_train_module(method: nn.Module, config: Any, ctx: DistContext) -> Tupl
         device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
         # The method's forward is compute_loss: one DDP forward per step, however many network
         # evaluations the loss makes (FMM makes three), so the gradient all-reduce fires once.
-        wrapped = DDP(method, device_ids=device_ids, broadcast_buffers=False)
+        # Buffers (FMM's step counter, schedules) advance identically on every rank: no per-forward
+        # broadcast (they are synced once at construction). torch < 2.14 names it broadcast_buffers.
+        import inspect
+
+        no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                          else {"broadcast_buffers": False})
+        wrapped = DDP(method, device_ids=device_ids, **no_buffer_sync)
     elif parallelism == "fsdp":
         from fastflow.train import fsdp
 
