@@ -429,7 +429,7 @@ def test_sharded_checkpoints_atomic_pruned_and_found(tiny_config, monkeypatch):
         "latest", "step_00000006", "step_00000008"]
 
 
-def test_fsdp_precision_policy_and_unsupported_combinations(tiny_config):
+def test_precision_policy_and_unsupported_combinations(tiny_config):
     from fastflow.train.fsdp import UnsupportedParallelism, check_fsdp_config, fsdp_param_dtype
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
@@ -446,6 +446,13 @@ def test_fsdp_precision_policy_and_unsupported_combinations(tiny_config):
                        "infrastructure.parallelism=fsdp")
     with pytest.raises(UnsupportedParallelism, match="parallelism=fsdp with precision=fp16"):
         check_fsdp_config(fp16, cuda)
+
+    from fastflow.train.parallelize import check_compile_config
+
+    for compile_flag in ("infrastructure.compile=block", "infrastructure.compile_model=true"):
+        with pytest.raises(ValueError, match="derivative=jvp with infrastructure.compile=block"):
+            check_compile_config(tiny_config("flow_map_matching", "flow_map_matching.derivative=jvp", compile_flag))
+    check_compile_config(tiny_config("flow_map_matching", "flow_map_matching.derivative=dual", "infrastructure.compile=block"))
 
 
 if __name__ == "__main__":

@@ -52,6 +52,19 @@ def _compile_kwargs(config: Any) -> dict:
     return {"dynamic": False, **({} if mode == "default" else {"mode": mode})}
 
 
+def check_compile_config(config: Any) -> None:
+    """FMM ``derivative=jvp`` with ``compile=block`` cannot run: ``torch.func.jvp`` would call the
+    compiled blocks from eager mode, which Dynamo refuses ("Unsupported functorch tracing attempt",
+    pytorch/pytorch#128711; measured). ``dual`` and ``finite_difference`` are plain forwards."""
+    if config.method == "flow_map_matching" and config.flow_map_matching.derivative == "jvp" \
+            and compile_scope(config) == "block":
+        raise ValueError(
+            "flow_map_matching.derivative=jvp with infrastructure.compile=block is not supported: torch.func.jvp "
+            "cannot call compiled blocks (pytorch/pytorch#128711); use derivative=dual | finite_difference, "
+            "or compile=none"
+        )
+
+
 def build_train_module(method: nn.Module, config: Any, ctx: DistContext) -> Tuple[Callable, nn.Module]:
     """Return (loss_fn, wrapped) where ``loss_fn(batch) -> (loss, metrics)`` runs one step's loss.
 
@@ -59,6 +72,7 @@ def build_train_module(method: nn.Module, config: Any, ctx: DistContext) -> Tupl
     DDP/FSDP-wrapped form).
     """
     scope = compile_scope(config)
+    check_compile_config(config)
     if scope == "block":
         apply_compile(method, config)
     if config.infrastructure.parallelism == "fsdp":  # unsupported combinations fail early, on any world size
