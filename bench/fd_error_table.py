@@ -10,8 +10,8 @@ ADM-style UNet, where at init it is ~10%) it computes
 - the reference ∂_t v in float64: the explicit forward-mode (``dual``) pass of ``model.double()``;
   s and t are multiples of 1/1024, so t·num_timesteps is exact in float32 and float64 alike and
   both models see the same times;
-- for each h: ``finite_difference_derivative(model, x, s, t, h)`` in float32, and in bf16 under
-  ``torch.autocast`` (device type of the run); the relative error ‖∂_t v_fd − ∂_t v_ref‖/‖∂_t v_ref‖
+- for each h: ``finite_difference_derivative(model, x, s, t, h, precision="autocast")`` in float32,
+  and in bf16 under ``torch.autocast`` (device type of the run); the relative error ‖∂_t v_fd − ∂_t v_ref‖/‖∂_t v_ref‖
   (Frobenius over the batch) and the same for v = (v₊ + v₋)/2;
 - the floor: the ``dual`` backend in the same dtype against the same reference.
 
@@ -130,7 +130,7 @@ def measure(model: torch.nn.Module, x, s, t, device: torch.device, steps=STEPS, 
         rows[mode] = {}
         for h in steps:
             with _precision_context(mode, device, emulate_bf16):
-                v, dv = finite_difference_derivative(model, x32, s32, t32, h)
+                v, dv = finite_difference_derivative(model, x32, s32, t32, h, precision="autocast")
             rows[mode][h] = (_rel(v, v_ref), _rel(dv, dv_ref))
             print(f"  {mode:8s} h={h:.0e}  ∂_t v rel err {rows[mode][h][1]:.3e}   v rel err {rows[mode][h][0]:.3e}", flush=True)
     ratio = (v_ref.norm() / dv_ref.norm()).item()
