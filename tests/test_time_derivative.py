@@ -19,6 +19,7 @@ import math
 import os
 import random
 import time
+import warnings
 from pathlib import Path
 from typing import Dict, Tuple
 
@@ -242,6 +243,55 @@ def test_lagrangian_loss_and_gradients_agree_across_backends(seed: int) -> None:
         f"seed={seed}: FD loss off by {abs(loss_fd - loss_jvp).item():.2e} > bound {loss_bound:.2e}")
     assert rel(grad_fd, grad_jvp) < 10 * e_dv, (
         f"seed={seed}: FD gradients off by {rel(grad_fd, grad_jvp):.2e} > 10× ∂_t v bound {e_dv:.2e}")
+
+
+@pytest.mark.parametrize("backend", [
+    pytest.param("cpp", id="cpp-float64"),
+    pytest.param("triton", id="triton-float32", marks=[pytest.mark.slow, pytest.mark.skipif(  # ~90 s interpreted
+        not ops.available_backends()["triton"], reason="triton not importable")]),
+])
+def test_jvp_runs_the_fused_kernels_forward_mode_rules(seed: int, backend: str, monkeypatch) -> None:
+    """derivative=jvp with fused_kernels: torch.func.jvp runs the fused ops (their jvp rules call the
+    dual kernels) and FMM's loss and gradients equal those of the reference dual backend."""
+    monkeypatch.setenv("FASTFLOW_OPS_BACKEND", backend)
+    table = ops._load_backend(backend)
+    if table is None:
+        pytest.skip(f"{backend} ops unavailable")
+    calls = {name: 0 for name in table}
+    for name, fn in list(table.items()):
+        def counted(*args, _name=name, _fn=fn, **kwargs):
+            calls[_name] += 1
+            return _fn(*args, **kwargs)
+        monkeypatch.setitem(table, name, counted)
+    dtype, tol = (torch.float64, 1e-10) if backend == "cpp" else (torch.float32, 1e-4)
+    image_size = 16 if backend == "cpp" else 8  # the Triton interpreter is slow
+    fmm = FlowMapMatching(tiny_model(image_size)).to(dtype)
+    batch = tuple(b.to(dtype) for b in _fmm_batch(image_size=image_size))
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        fmm.model.unet.set_fused_kernels(True)
+        loss_fused, _, grad_fused = _loss_and_grads(fmm, batch, "jvp")
+    assert not [w for w in record if "reference" in str(w.message)], [str(w.message) for w in record]
+    assert calls["attention"] > 0 and calls["gn_film_silu"] > 0, calls  # the jvp rules call the *_dual ops' kernels
+    fmm.model.unet.set_fused_kernels(False)
+    loss_ref, _, grad_ref = _loss_and_grads(fmm, batch, "dual")
+    assert rel(loss_fused, loss_ref) < tol, f"seed={seed}: {backend} jvp loss vs reference dual {rel(loss_fused, loss_ref):.2e}"
+    assert rel(grad_fused, grad_ref) < tol, f"seed={seed}: {backend} jvp gradients vs reference dual {rel(grad_fused, grad_ref):.2e}"
+
+
+def test_jvp_says_when_fused_ops_fall_back_to_the_reference(seed: int, monkeypatch) -> None:
+    from fastflow.methods import time_derivative
+
+    monkeypatch.setenv("FASTFLOW_OPS_BACKEND", "reference")
+    monkeypatch.setattr(time_derivative, "_WARNED", set())
+    model = tiny_model(8)
+    model.unet.set_fused_kernels(True)
+    x, s, t = inputs(image_size=8)
+    with pytest.warns(RuntimeWarning, match="resolve to the PyTorch reference"):
+        v, dv = velocity_and_time_derivative(model, x, s, t, "jvp")
+    model.unet.set_fused_kernels(False)
+    v_ref, dv_ref = velocity_and_time_derivative(model, x, s, t, "dual")
+    assert rel(dv, dv_ref) < 1e-5, f"seed={seed}: {rel(dv, dv_ref):.2e}"
 
 
 def test_course_baseline_matches_package_loss(seed: int) -> None:

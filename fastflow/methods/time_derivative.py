@@ -50,18 +50,39 @@ def _uses_fused_kernels(model: nn.Module) -> bool:
     return bool(getattr(unet, "fused_kernels", False))
 
 
-def jvp_derivative(model: Callable, x: Tensor, s: Tensor, t: Tensor, precision: str = "float32") -> Tuple[Tensor, Tensor]:
-    """(v, ∂_t v) by ``torch.func.jvp`` of t ↦ model(x, s, t) with tangent ones."""
-    if _uses_fused_kernels(model) and "jvp-fused" not in _WARNED:
+def _jvp_uses_reference(model: nn.Module, device: torch.device) -> bool:
+    """Whether ``torch.func.jvp`` must run the reference ops instead of the model's fused kernels.
+
+    The fused ops' eager ``autograd.Function`` forms carry forward-mode rules (their ``jvp`` runs the
+    differentiable dual kernel, so a backward through ∂_t v runs the dual backward kernel). Two cases
+    have none: under ``torch.compile`` (Dynamo refuses an ``autograd.Function`` with a custom ``jvp``;
+    the traced operators have no forward-mode formula) and when the fused call resolves to the
+    reference anyway. The fallback is announced once, in eager mode.
+    """
+    if not _uses_fused_kernels(model):
+        return False
+    compiling = torch.compiler.is_compiling()
+    backend = ops.fused_backend_for(device)
+    if not compiling and backend != "reference":
+        return False
+    if not compiling and "jvp-fused" not in _WARNED:
         _WARNED.add("jvp-fused")
         warnings.warn(
-            "derivative=jvp: torch.func.jvp runs the PyTorch reference ops (the fused kernels' "
-            "forward-mode rules are used by derivative=dual); expect reference speed",
-            RuntimeWarning,
-            stacklevel=3,
+            "derivative=jvp: the fused ops resolve to the PyTorch reference on this device; torch.func.jvp "
+            "runs the reference ops", RuntimeWarning, stacklevel=4,
         )
+    return True
+
+
+def jvp_derivative(model: Callable, x: Tensor, s: Tensor, t: Tensor, precision: str = "float32") -> Tuple[Tensor, Tensor]:
+    """(v, ∂_t v) by ``torch.func.jvp`` of t ↦ model(x, s, t) with tangent ones.
+
+    With ``fused_kernels`` the fused ops run (eagerly) with their forward-mode rules; under
+    ``torch.compile`` they fall back to the reference, which has forward-mode AD everywhere.
+    """
+    reference = _jvp_uses_reference(model, x.device)
     ctx = _autocast_off(x.device.type) if precision == "float32" else contextlib.nullcontext()
-    with ctx, ops.math_attention(), ops.reference_only():
+    with ctx, ops.math_attention(), ops.reference_only(reference):
         if precision == "float32":
             x, s, t = _at_least_float32(x), _at_least_float32(s), _at_least_float32(t)
         v, dv = torch.func.jvp(lambda tt: model(x, s, tt), (t,), (torch.ones_like(t),))
