@@ -86,7 +86,7 @@ class Profile:
 _FULL_TRAIN = [
     ("flow_matching", "reference"), ("fmm_dual", "reference"), ("fmm_finite_difference", "reference"),
     ("fmm_jvp", "reference"), ("course_fmm", "reference"),
-    ("flow_matching", "fused"), ("fmm_dual", "fused"), ("fmm_finite_difference", "fused"),
+    ("flow_matching", "fused"), ("fmm_dual", "fused"), ("fmm_finite_difference", "fused"), ("fmm_jvp", "fused"),
 ]
 PROFILES: Dict[str, Profile] = {
     "full": Profile(

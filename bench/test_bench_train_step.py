@@ -1,9 +1,10 @@
 """One training step per method: loss (bf16 autocast on CUDA) → backward → clip → AdamW → zero_grad.
 
 Cases: ddpm, ddpm_x0, flow_matching and flow_map_matching with each ∂_t v backend (dual,
-finite_difference, jvp), eager with the reference ops; flow_matching and fmm_dual also with the
-fused ops and under torch.compile. Reports img/s, TFLOP/s, MFU (FLOPs of loss + backward, counted
-on the reference ops) and peak memory of a step in ``extra_info``.
+finite_difference, jvp), eager with the reference ops; flow_matching, fmm_dual and fmm_jvp also
+with the fused ops (jvp through their forward-mode rules), the first two under torch.compile.
+Reports img/s, TFLOP/s, MFU (FLOPs of loss + backward, counted on the reference ops) and peak
+memory of a step in ``extra_info``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import pytest
 from bench import utils
 
 EAGER = [pytest.param(case, "reference", "eager", id=f"{case}-reference-eager") for case in utils.TRAIN_CASES]
-FUSED = [pytest.param(case, "fused", "eager", id=f"{case}-fused-eager") for case in ("flow_matching", "fmm_dual")]
+FUSED = [pytest.param(case, "fused", "eager", id=f"{case}-fused-eager") for case in ("flow_matching", "fmm_dual", "fmm_jvp")]
 COMPILED = [
     pytest.param("flow_matching", "reference", "compile", id="flow_matching-reference-compile",
                  marks=pytest.mark.compile),
