@@ -236,27 +236,15 @@ def count_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
     return int(counter.get_total_flops())
 
 
-# Dense bf16 tensor-core peaks (datasheets, FLOP/s); leads, not readings: see matmul_ceiling().
-_BF16_SPEC = (
-    ("h200", 989.4e12),
-    ("h100 pcie", 756.0e12),
-    ("h100", 989.4e12),
-    ("a100", 312.0e12),
-    ("l40s", 362.1e12),
-    ("a10", 125.0e12),
-)
-
-
 def peak_bf16_flops(device: Any = None) -> Optional[float]:
-    """Datasheet dense bf16 FLOP/s of a known GPU (H200: 989 TFLOP/s); None for CPUs/unknown GPUs."""
+    """Datasheet dense bf16 FLOP/s of a known GPU (H200: 989 TFLOP/s); None for CPUs/unknown GPUs.
+
+    Leads, not readings (see :func:`matmul_ceiling`); the table is ``fastflow.train.metrics``'s.
+    """
+    from fastflow.train.metrics import device_peak_flops
+
     device = resolve_device(device) if not isinstance(device, torch.device) else device
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device).lower()
-    for key, flops in _BF16_SPEC:
-        if key in name:
-            return flops
-    return None
+    return device_peak_flops(device)
 
 
 _CEILING_CACHE: Dict[Any, float] = {}

@@ -6,27 +6,34 @@ from typing import Callable, Optional
 
 import torch
 
-# Dense bf16 tensor-core peaks (FLOP/s) from vendor spec sheets, matched on the device name.
-_PEAK_BF16 = (
-    ("H200", 989e12),
-    ("H100", 989e12),
-    ("GH200", 989e12),
-    ("A100", 312e12),
-    ("L40S", 362e12),
-    ("A10G", 70e12),
-    ("RTX 4090", 165e12),
+# Dense bf16 tensor-core peaks (FLOP/s) from vendor datasheets, matched in order (most specific
+# first) on the lower-cased device name. The one table: bench/utils.py uses it too.
+PEAK_BF16_FLOPS = (
+    ("h200", 989.4e12),      # also GH200
+    ("h100 pcie", 756.0e12),
+    ("h100", 989.4e12),      # SXM
+    ("a100", 312.0e12),
+    ("l40s", 362.1e12),
+    ("a10g", 70.0e12),
+    ("a10", 125.0e12),
+    ("rtx 4090", 165.2e12),
 )
+
+
+def peak_flops_for_name(name: str) -> Optional[float]:
+    """The datasheet dense bf16 peak of a GPU by its name, or None where unknown."""
+    name = name.lower()
+    for key, peak in PEAK_BF16_FLOPS:
+        if key in name:
+            return peak
+    return None
 
 
 def device_peak_flops(device: torch.device) -> Optional[float]:
     """The device's dense bf16 peak in FLOP/s, or None where unknown (the CPU)."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, peak in _PEAK_BF16:
-        if key in name:
-            return peak
-    return None
+    return peak_flops_for_name(torch.cuda.get_device_name(device))
 
 
 def count_flops(fn: Callable[[], None]) -> int:
