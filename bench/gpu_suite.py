@@ -14,8 +14,11 @@ out-of-memory in one loses nothing else), under one deadline for the whole suite
 - ``train_eager``: one train step (loss, backward, clip, fused AdamW, EMA) at the real config
   (base 128, 64×64, batch 128, bf16 autocast): flow_matching, flow_map_matching per ∂_t v backend
   (dual, finite_difference, jvp), the course baseline (``bench/course_baseline.py``: per-sample
-  vmap(jvp)), then the fused-op variants. img/s, MFU (datasheet and measured peak), peak memory.
-- ``kernel_tests``: ``pytest tests/test_kernels_*.py -x -q`` on the GPU (``TRITON_INTERPRET=0``).
+  vmap(jvp)), then the fused-op variants, then FM and FMM-dual with channels_last weights and
+  batch (``_cl``: the layout question, by measurement). img/s, MFU (datasheet and measured
+  peak), peak memory.
+- ``kernel_tests``: ``pytest tests/test_kernels_*.py -x -q`` on the GPU (``TRITON_INTERPRET=0``),
+  including the fused-vs-reference loss-curve test on CUDA.
 - ``kernels_micro``: gn_film_silu fwd and fwd+bwd (bytes/s against the copy bandwidth) and
   attention fwd / fwd+bwd at seq 64 and 256: fused kernel vs torch.compile(reference) vs eager vs
   SDPA; attention dual (primal + tangent, and backward through both) vs ``torch.func.jvp``
@@ -87,6 +90,8 @@ _FULL_TRAIN = [
     ("flow_matching", "reference"), ("fmm_dual", "reference"), ("fmm_finite_difference", "reference"),
     ("fmm_jvp", "reference"), ("course_fmm", "reference"),
     ("flow_matching", "fused"), ("fmm_dual", "fused"), ("fmm_finite_difference", "fused"), ("fmm_jvp", "fused"),
+    # memory layout, decided by measurement (issue: kernels): channels_last weights and batch
+    ("flow_matching", "reference_cl"), ("fmm_dual", "reference_cl"),
 ]
 PROFILES: Dict[str, Profile] = {
     "full": Profile(
@@ -117,7 +122,7 @@ PROFILES: Dict[str, Profile] = {
         train_warmup=1, train_reps=2, train_max_s=3.0,
         train_eager=[("flow_matching", "reference"), ("fmm_dual", "reference"),
                      ("fmm_finite_difference", "reference"), ("fmm_jvp", "reference"),
-                     ("course_fmm", "reference"), ("fmm_dual", "fused")],
+                     ("course_fmm", "reference"), ("fmm_dual", "fused"), ("flow_matching", "reference_cl")],
         precompile=["flow_matching"], micro_reps=3, gn_shapes=[(4, 32, 16, 16)], gn_groups=8,
         attn_shapes=[(4, 2, 64, 16)], micro_compile=False, copy_bytes=64 << 20, matmul_sizes=[512],
         kernel_test_workers=0, precompile_memory_fraction=0.0,
@@ -287,8 +292,11 @@ def section_ceilings(ctx: Ctx) -> None:
 
 # ------------------------------------------------------------------------------- train sections
 def _build_train_step(ctx: Ctx, case: str, impl: str, compile: bool) -> Any:
+    """``impl``: reference | fused, with ``_cl`` for channels_last weights and batch."""
     from bench.utils import TRAIN_CASES, TrainStep, bench_config
 
+    layout = ["infrastructure.channels_last=true"] if impl.endswith("_cl") else []
+    impl = impl[:-3] if impl.endswith("_cl") else impl
     if case == "course_fmm":
         from bench.course_baseline import CourseFlowMapMatching  # noqa: WPS433 (written by another engineer)
         from fastflow.methods import build_network
@@ -299,7 +307,7 @@ def _build_train_step(ctx: Ctx, case: str, impl: str, compile: bool) -> Any:
                                        warmup_steps=c.warmup_steps, reconstruction_weight=c.reconstruction_weight)
         return TrainStep(config, ctx.device, compile=compile, method=method)
     method, derivative = TRAIN_CASES[case]
-    config = bench_config(method, ctx.profile.size, derivative=derivative, fused=impl == "fused")
+    config = bench_config(method, ctx.profile.size, derivative=derivative, fused=impl == "fused", overrides=layout)
     return TrainStep(config, ctx.device, compile=compile)
 
 

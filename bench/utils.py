@@ -488,6 +488,9 @@ class TrainStep:
         gen = torch.Generator(device=self.device).manual_seed(seed)
         self.x = torch.rand(self.batch_size, d.channels, d.image_size, d.image_size, device=self.device,
                             generator=gen) * 2 - 1  # images live in [-1, 1]
+        if config.infrastructure.channels_last:  # as the Trainer does: weights and batch, once
+            self.method.to(memory_format=torch.channels_last)
+            self.x = self.x.contiguous(memory_format=torch.channels_last)
         t = config.training
         kwargs: Dict[str, Any] = dict(lr=t.learning_rate, betas=tuple(t.betas), weight_decay=t.weight_decay)
         if self.device.type == "cuda":

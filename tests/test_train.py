@@ -217,3 +217,19 @@ def test_train_cli_errors(tmp_path):
     res = subprocess.run([sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs/fmm_digits.yaml"),
                           "training.learning_rate=fast"], capture_output=True, text=True, env=ENV, timeout=120)
     assert res.returncode == 2 and "training.learning_rate" in res.stderr and "fast" in res.stderr
+
+
+def test_channels_last_trains_like_contiguous(tiny_config):
+    """infrastructure.channels_last: weights and every batch in channels_last (converted once, when
+    the batch reaches the device); the numbers are those of the contiguous layout."""
+    runs = {}
+    for layout in ("false", "true"):
+        trainer = Trainer(tiny_config("flow_map_matching", f"infrastructure.channels_last={layout}",
+                                      f"logging.run_name=cl-{layout}"), quiet=True)
+        moved = trainer._to_device(torch.randn(2, 3, 8, 8))  # 3 channels: the layouts differ (1 does not)
+        conv = next(m for m in trainer.method.modules() if isinstance(m, torch.nn.Conv2d))
+        expected = torch.channels_last if layout == "true" else torch.contiguous_format
+        assert moved.is_contiguous(memory_format=expected) and conv.weight.is_contiguous(memory_format=expected)
+        assert moved.is_contiguous() == (layout == "false")
+        runs[layout] = _losses(trainer, 4)
+    np.testing.assert_allclose(runs["true"], runs["false"], rtol=1e-5)

@@ -256,9 +256,15 @@ class Trainer:
     def _next_batch(self) -> torch.Tensor:
         if self.overfit:
             if self._fixed_batch is None:
-                self._fixed_batch = next(self._data_iter).to(self.device)
+                self._fixed_batch = self._to_device(next(self._data_iter))
             return self._fixed_batch
-        return next(self._data_iter).to(self.device, non_blocking=True)
+        return self._to_device(next(self._data_iter))
+
+    def _to_device(self, batch: torch.Tensor) -> torch.Tensor:
+        """The batch on the device, in the network's memory format (converted once, here)."""
+        if self.config.infrastructure.channels_last:
+            return batch.to(self.device, non_blocking=True, memory_format=torch.channels_last)
+        return batch.to(self.device, non_blocking=True)
 
     def _train_step(self, batch: torch.Tensor) -> Dict[str, torch.Tensor]:
         train_cfg = self.config.training
