@@ -652,7 +652,8 @@ def section_kernel_tests(ctx: Ctx) -> None:
     env = dict(os.environ, TRITON_INTERPRET="0")  # the tests default to the interpreter when it is unset
     log = ctx.out / "kernel_tests.log"
     log.write_text("")
-    passes = [("default", ["-m", "not slow"]), ("slow", ["-m", "slow"])]
+    # The CPU (C++) leg of the fused-vs-reference convergence test is CI's; here only CUDA counts.
+    passes = [("default", ["-m", "not slow", "-k", "not cpu-cpp"]), ("slow", ["-m", "slow", "-k", "not cpu-cpp"])]
     for name, selection in passes:
         timeout = ctx.left() - 4
         if timeout < (10 if name == "default" else 30):
