@@ -222,7 +222,7 @@ def reference_run(tmp: Path, case: str, world_size: int = 2):
             torch.manual_seed(step_seed(SEED, r, step))
             loss, _ = method(batches[r])
             (loss / world_size).backward()
-            losses[r].append(float(loss))
+            losses[r].append(loss.item())
         torch.nn.utils.clip_grad_norm_(list(method.parameters()), train_cfg.gradient_clip_norm)
         if grads is None:
             grads = {n: p.grad.detach().clone() for n, p in method.named_parameters()}
