@@ -128,7 +128,7 @@ def report(size: str, device: torch.device, rounds: int, compile: bool, batch_si
           f"{config.data.image_size}×{config.data.image_size}, batch {batch}), {info['device_name']}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, load {info['loadavg_1m']}, "
           f"{rounds} rounds round-robin")
-    print(f"| case | mode | median s (IQR) | img/s | × FM step | × course baseline | peak mem Δ MB |")
+    print("| case | mode | median s (IQR) | img/s | × FM step | × course baseline | peak mem Δ MB |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['case']} | {r['mode']} | {r['median_s']:.4f} ({r['iqr_s']:.4f}) | {r['img_per_s']:.1f} "

@@ -11,6 +11,8 @@ try:
 except ImportError:  # pragma: no cover
     pass
 
+import random
+
 import pytest
 
 from fastflow.config import load_config
@@ -60,3 +62,13 @@ def tiny_config(tmp_path):
         )
 
     return make
+
+
+@pytest.fixture
+def seed() -> int:
+    """A fresh random seed per test (FASTFLOW_TEST_SEED=<n> replays one); torch's global RNG is
+    seeded with it. Tests put it in every failure message."""
+    env = os.environ.get("FASTFLOW_TEST_SEED")
+    value = int(env) if env else random.SystemRandom().randrange(2**31)
+    torch.manual_seed(value)
+    return value

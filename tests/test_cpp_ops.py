@@ -37,12 +37,6 @@ TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfl
 GRAD_TOL = {torch.float64: 1e-10, torch.float32: 5e-5, torch.float16: 8e-3, torch.bfloat16: 6e-2}
 
 
-@pytest.fixture
-def seed():
-    env = os.environ.get("FASTFLOW_TEST_SEED")
-    return int(env) if env else int.from_bytes(os.urandom(4), "little") % (2**31)
-
-
 def _assert_close(actual, expected, tol, what, seed):
     assert actual is not None and expected is not None, f"{what}: missing tensor (seed={seed})"
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape} (seed={seed})"

@@ -9,8 +9,6 @@ statistical tests on the time-pair distribution use fixed seeds.
 from __future__ import annotations
 
 import math
-import os
-import random
 from typing import Callable, List, Tuple
 
 import numpy as np
@@ -28,14 +26,6 @@ except ImportError:  # pragma: no cover - scipy is a dev dependency
 
 TINY = dict(in_channels=2, base_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(4,),
             num_heads=2, num_groups=8, image_size=8, dropout=0.0)
-
-
-@pytest.fixture
-def seed() -> int:
-    env = os.environ.get("FASTFLOW_TEST_SEED")
-    value = int(env) if env else random.SystemRandom().randrange(2**31)
-    torch.manual_seed(value)
-    return value
 
 
 class VelocityStub(nn.Module):

@@ -42,12 +42,6 @@ def _poison_outputs(monkeypatch):
     monkeypatch.setattr(attn, "DEBUG_POISON_OUTPUTS", True)
 
 
-@pytest.fixture
-def seed():
-    env = os.environ.get("FASTFLOW_TEST_SEED")
-    return int(env) if env else int.from_bytes(os.urandom(4), "little") % (2**31)
-
-
 def _randn(gen, shape, dtype, scale=1.0):
     """Standard normal drawn in float64 on the CPU, rounded to ``dtype``, moved to DEVICE."""
     return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype).to(DEVICE)

@@ -53,12 +53,6 @@ def _poison_outputs(monkeypatch):
     monkeypatch.setattr(gn, "_POISON_OUTPUTS", True)
 
 
-@pytest.fixture
-def seed():
-    env = os.environ.get("FASTFLOW_TEST_SEED")
-    return int(env) if env else int.from_bytes(os.urandom(4), "little") % (2**31)
-
-
 def _make(seed, shape, dtype, param_dtype=None):
     """x (mean 0.5, std 2: the statistics must not assume centred data), tangents, params, grads."""
     gen = torch.Generator().manual_seed(seed)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import random
 from typing import List, Optional, Tuple
 
 import numpy as np
@@ -35,14 +34,6 @@ from fastflow.models import (
 )
 
 DEFAULT_UNET_PARAMS = 64_784_643  # measured by the lead; re-derived below from the course's table
-
-
-@pytest.fixture
-def seed() -> int:
-    env = os.environ.get("FASTFLOW_TEST_SEED")
-    value = int(env) if env else random.SystemRandom().randrange(2**31)
-    torch.manual_seed(value)
-    return value
 
 
 def n_params(module: nn.Module) -> int:

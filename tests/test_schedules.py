@@ -13,8 +13,6 @@ exactly representable in float32 (the methods cast network outputs to float32).
 from __future__ import annotations
 
 import math
-import os
-import random
 from typing import Callable
 
 import numpy as np
@@ -26,14 +24,6 @@ from fastflow.methods import DDPM, DDPMx0
 
 SCHEDULES = [(1000, 1e-4, 0.02), (50, 1e-3, 0.05), (7, 0.01, 0.3)]
 EPS32 = 2.0**-24
-
-
-@pytest.fixture
-def seed() -> int:
-    env = os.environ.get("FASTFLOW_TEST_SEED")
-    value = int(env) if env else random.SystemRandom().randrange(2**31)
-    torch.manual_seed(value)
-    return value
 
 
 class Stub(nn.Module):

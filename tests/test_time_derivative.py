@@ -16,8 +16,6 @@ from __future__ import annotations
 import copy
 import importlib.util
 import math
-import os
-import random
 import time
 import warnings
 from pathlib import Path
@@ -49,14 +47,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def seed() -> int:
-    env = os.environ.get("FASTFLOW_TEST_SEED")
-    value = int(env) if env else random.SystemRandom().randrange(2**31)
-    torch.manual_seed(value)
-    return value
 
 
 def tiny_model(image_size: int = 16, dropout: float = 0.0) -> DualTimeUNet:

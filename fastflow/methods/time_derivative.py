@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Tuple
 
 import torch
 from torch import Tensor, nn

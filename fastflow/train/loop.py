@@ -8,7 +8,6 @@ run continues exactly as the uninterrupted one would have.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import os
 import signal
@@ -18,7 +17,6 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 import torch
-from torch import nn
 
 from fastflow.config import Config, config_to_dict
 from fastflow.methods import create_method_from_config
