@@ -233,3 +233,21 @@ def test_channels_last_trains_like_contiguous(tiny_config):
         assert moved.is_contiguous() == (layout == "false")
         runs[layout] = _losses(trainer, 4)
     np.testing.assert_allclose(runs["true"], runs["false"], rtol=1e-5)
+
+
+def test_profiler_writes_a_tensorboard_trace_with_shapes_and_memory(tiny_config):
+    """logging.profile: torch.profiler on the wait/warmup/active schedule → <run>/profile/*.pt.trace.json."""
+    import json
+
+    cfg = tiny_config("flow_map_matching", "training.num_iterations=6", "logging.profile=true",
+                      "logging.profile_wait=1", "logging.profile_warmup=1", "logging.profile_active=2")
+    trainer = Trainer(cfg, quiet=True)
+    trainer.train()
+    traces = sorted((trainer.run_dir / "profile").glob("*.pt.trace.json"))
+    assert len(traces) == 1, traces  # repeat=1: one active window, one trace
+    events = json.loads(traces[0].read_text())["traceEvents"]
+    steps = {e["name"] for e in events if e.get("name", "").startswith("ProfilerStep#")}
+    assert steps == {"ProfilerStep#2", "ProfilerStep#3"}, steps  # steps 0 wait, 1 warmup, 2-3 active
+    assert any("Input Dims" in e.get("args", {}) for e in events), "record_shapes: no input shapes in the trace"
+    assert any(e.get("name") == "[memory]" for e in events), "profile_memory: no memory events in the trace"
+    assert any(e.get("name") == "aten::convolution" for e in events)
