@@ -190,6 +190,25 @@ def test_gn_half(dtype, seed):
     _check_gn_dual(seed, *SMALL, dtype, True, DUAL_NAMES)
 
 
+def test_gn_channels_last_inputs(seed):
+    """x, ẋ and the upstream grads in channels_last: the reference's numbers on contiguous tensors."""
+    shape, groups = (2, 24, 5, 7), 6
+    inp = _gn_inputs(seed, shape, torch.float64)
+    cl = {k: (v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v) for k, v in inp.items()}
+    assert not cl["x"].is_contiguous()
+    y, grads = _gn_plain_run(cpu.gn_film_silu_cpp, cl, groups, True, PLAIN_NAMES)
+    y_ref, grads_ref = _gn_plain_run(gn_film_silu_reference, inp, groups, True, PLAIN_NAMES)
+    _assert_close(y, y_ref, TOL[torch.float64], "y", seed)
+    for name, g, g_ref in zip(PLAIN_NAMES, grads, grads_ref):
+        _assert_close(g, g_ref, GRAD_TOL[torch.float64], f"d{name}", seed)
+    upstream = ("grad_y", "grad_y_dot")
+    y, y_dot, grads = _gn_dual_run(cpu.gn_film_silu_dual_cpp, cl, groups, True, DUAL_NAMES, upstream)
+    y_ref, y_dot_ref, grads_ref = _gn_dual_run(gn_film_silu_dual_reference, inp, groups, True, DUAL_NAMES, upstream)
+    _assert_close(y_dot, y_dot_ref, TOL[torch.float64], "y_dot", seed)
+    for name, g, g_ref in zip(DUAL_NAMES, grads, grads_ref):
+        _assert_close(g, g_ref, GRAD_TOL[torch.float64], f"d{name}", seed)
+
+
 def test_gn_large_offset_group(seed):
     """A 16k-element group far from zero: the two-pass float32 statistics hold up."""
     shape, groups = (1, 32, 32, 32), 2

@@ -442,3 +442,22 @@ def test_kernels_compile_for_sm90():
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "compiled 16" in result.stdout
+
+
+def test_channels_last_inputs(seed):
+    """x, ẋ and the upstream grads in channels_last (infrastructure.channels_last): same numbers
+    as the reference on the contiguous tensors, for the plain op, the dual op and their grads."""
+    shape, groups = ((2, 24, 5, 7), 6)
+    inp = _make(seed, shape, torch.float32)
+    cl = {k: (v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v) for k, v in inp.items()}
+    assert not cl["x"].is_contiguous()
+    y, grads = _plain_run(gn.gn_film_silu_triton, cl, groups, True, PLAIN_NAMES)
+    y_ref, grads_ref = _plain_run(gn_film_silu_reference, inp, groups, True, PLAIN_NAMES)
+    _assert_close(y, y_ref, TOL[torch.float32], "y", seed)
+    for name, g, g_ref in zip(PLAIN_NAMES, grads, grads_ref):
+        _assert_close(g, g_ref, GRAD_TOL[torch.float32], f"d{name}", seed)
+    y, y_dot, grads = _dual_run(gn.gn_film_silu_dual_triton, cl, groups, True, DUAL_NAMES)
+    y_ref, y_dot_ref, grads_ref = _dual_run(gn_film_silu_dual_reference, inp, groups, True, DUAL_NAMES)
+    _assert_close(y_dot, y_dot_ref, TOL[torch.float32], "y_dot", seed)
+    for name, g, g_ref in zip(DUAL_NAMES, grads, grads_ref):
+        _assert_close(g, g_ref, GRAD_TOL[torch.float32], f"d{name}", seed)
