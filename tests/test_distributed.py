@@ -38,11 +38,12 @@ SEED = 42
 # ddp + jvp is in the default set: public reports say DDP skips the gradient sync when
 # torch.func.jvp runs the module; here the jvp runs inside the DDP-wrapped method's forward.
 DEFAULT_CASES = ["ddp:flow_matching:-", "fsdp:flow_map_matching:dual:reshard", "fsdp:flow_matching:-",
-                 "ddp:flow_map_matching:dual", "ddp:flow_map_matching:jvp"]
+                 "ddp:flow_map_matching:dual", "ddp:flow_map_matching:jvp", "fsdp:flow_map_matching:jvp:fused"]
 SLOW_CASES = [
     "ddp:flow_map_matching:finite_difference",
     "fsdp:flow_map_matching:jvp", "fsdp:flow_map_matching:finite_difference",
     "ddp:ddpm:-", "fsdp:ddpm_x0:-",
+    "fsdp:flow_map_matching:dual:fused",
 ]
 # Each UNet block compiled whole-graph before sharding (the derivative passes are plain forwards).
 COMPILE_CASES = ["fsdp:flow_map_matching:dual:block", "fsdp:flow_map_matching:finite_difference:block"]
@@ -56,6 +57,8 @@ def case_overrides(case: str) -> List[str]:
     for flag in flags:
         if flag == "reshard":
             out += ["infrastructure.reshard_after_forward=false", "training.sample_every=1"]
+        elif flag == "fused":  # the C++ ops on the CPU (jvp through their forward-mode rules)
+            out.append("model.fused_kernels=true")
         else:
             out.append(f"infrastructure.compile={flag}")
     return out
