@@ -141,6 +141,9 @@ class LoggingConfig:
     profile_wait: int = 2
     profile_warmup: int = 2
     profile_active: int = 3
+    # CUDA: record allocation stacks so the OOM snapshot (<run>/oom_snapshot_rank*.pickle) shows
+    # where memory went; on whenever `profile` is. Costs a little per allocation.
+    memory_history: bool = False
 
 
 @dataclass

@@ -251,3 +251,36 @@ def test_profiler_writes_a_tensorboard_trace_with_shapes_and_memory(tiny_config)
     assert any("Input Dims" in e.get("args", {}) for e in events), "record_shapes: no input shapes in the trace"
     assert any(e.get("name") == "[memory]" for e in events), "profile_memory: no memory events in the trace"
     assert any(e.get("name") == "aten::convolution" for e in events)
+
+
+@pytest.mark.parametrize("history", [False, True])
+def test_oom_writes_a_memory_snapshot_and_reraises(tiny_config, monkeypatch, capsys, request, history):
+    """train_from_config on a CUDA OOM: record history when asked, dump <run>/oom_snapshot_rank0.pickle,
+    say where, re-raise. (CUDA is simulated: the CPU run raises the OOM itself.)"""
+    from fastflow.train import loop
+
+    calls = {"record": 0}
+
+    def dump(path):
+        Path(path).write_bytes(b"snapshot")
+
+    def oom(self):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    # train_from_config sets these on CUDA; put them back afterwards
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+    request.addfinalizer(lambda: (setattr(torch.backends.cuda.matmul, "allow_tf32", flags[0]),
+                                  setattr(torch.backends.cudnn, "allow_tf32", flags[1]),
+                                  setattr(torch.backends.cudnn, "benchmark", flags[2])))
+    monkeypatch.setattr(torch.cuda.memory, "_record_memory_history", lambda **kw: calls.__setitem__("record", calls["record"] + 1))
+    monkeypatch.setattr(torch.cuda.memory, "_dump_snapshot", dump)
+    monkeypatch.setattr(loop.Trainer, "train", oom)
+    cfg = tiny_config("flow_matching", f"logging.memory_history={str(history).lower()}")
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        loop.train_from_config(cfg, quiet=True)
+    snapshot = Path(cfg.logging.dir) / "test" / "oom_snapshot_rank0.pickle"
+    assert snapshot.read_bytes() == b"snapshot"
+    err = capsys.readouterr().err
+    assert str(snapshot) in err and ("allocator state only" in err) == (not history)
+    assert calls["record"] == int(history)

@@ -544,7 +544,7 @@ def train_from_config(config: Config, *, resume: Optional[str] = None, overfit: 
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-    if config.logging.profile and torch.cuda.is_available():
+    if (config.logging.profile or config.logging.memory_history) and torch.cuda.is_available():
         torch.cuda.memory._record_memory_history(max_entries=100_000)
     trainer = Trainer(config, resume=resume, overfit=overfit, quiet=quiet)
     try:
@@ -552,8 +552,11 @@ def train_from_config(config: Config, *, resume: Optional[str] = None, overfit: 
     except torch.cuda.OutOfMemoryError:
         if torch.cuda.is_available():
             snapshot = trainer.run_dir / f"oom_snapshot_rank{trainer.ctx.rank}.pickle"
+            snapshot.parent.mkdir(parents=True, exist_ok=True)
             torch.cuda.memory._dump_snapshot(str(snapshot))
-            print(f"CUDA out of memory; memory snapshot written to {snapshot} (open it at pytorch.org/memory_viz)",
+            hint = "" if (config.logging.profile or config.logging.memory_history) else (
+                "; allocator state only: set logging.memory_history=true for allocation stacks")
+            print(f"CUDA out of memory; memory snapshot written to {snapshot} (open it at pytorch.org/memory_viz){hint}",
                   file=sys.stderr)
         raise
     finally:
