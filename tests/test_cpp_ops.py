@@ -21,6 +21,7 @@ torch = pytest.importorskip("torch")
 import torch.autograd.forward_ad as fwAD  # noqa: E402
 
 from fastflow.ops import cpu  # noqa: E402
+import _op_checks as checks  # noqa: E402  (tests/_op_checks.py)
 from fastflow.ops.reference import (  # noqa: E402
     attention_dual_reference,
     attention_reference,
@@ -35,21 +36,6 @@ EPS = 1e-5
 # Max error relative to max(1, max |reference|).
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 GRAD_TOL = {torch.float64: 1e-10, torch.float32: 5e-5, torch.float16: 8e-3, torch.bfloat16: 6e-2}
-
-
-def _assert_close(actual, expected, tol, what, seed):
-    assert actual is not None and expected is not None, f"{what}: missing tensor (seed={seed})"
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape} (seed={seed})"
-    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype} (seed={seed})"
-    actual64 = actual.detach().double()
-    assert torch.isfinite(actual64).all(), f"{what}: non-finite elements (seed={seed})"
-    scale = max(1.0, expected.detach().abs().max().item())
-    err = (actual64 - expected.detach().double()).abs().max().item()
-    assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol:g} x {scale:.3g} (seed={seed})"
-
-
-def _leaf(t):
-    return None if t is None else t.detach().clone().requires_grad_()
 
 
 def _grads(loss, leaves):
@@ -99,7 +85,7 @@ def _gn_inputs(seed, shape, dtype, param_dtype=None):
 
 
 def _gn_plain_run(fn, inp, groups, silu, present):
-    leaves = [_leaf(inp[n]) if n in present else None for n in PLAIN_NAMES]
+    leaves = [checks.leaf(inp[n]) if n in present else None for n in PLAIN_NAMES]
     y = fn(*leaves, groups, EPS, silu)
     return y, _grads((y * inp["grad_y"]).sum(), leaves)
 
@@ -108,14 +94,14 @@ def _check_gn_plain(seed, shape, groups, dtype, silu, present, param_dtype=None)
     inp = _gn_inputs(seed, shape, dtype, param_dtype)
     y, grads = _gn_plain_run(cpu.gn_film_silu_cpp, inp, groups, silu, present)
     y_ref, grads_ref = _gn_plain_run(gn_film_silu_reference, inp, groups, silu, present)
-    _assert_close(y, y_ref, TOL[dtype], "y", seed)
+    checks.assert_close(y, y_ref, TOL[dtype], "y", seed)
     for name, g, g_ref in zip(PLAIN_NAMES, grads, grads_ref):
         if name in present:
-            _assert_close(g, g_ref, GRAD_TOL[dtype], f"d{name}", seed)
+            checks.assert_close(g, g_ref, GRAD_TOL[dtype], f"d{name}", seed)
 
 
 def _gn_dual_run(fn, inp, groups, silu, present, upstream):
-    leaves = [_leaf(inp[n]) if n in present else None for n in DUAL_NAMES]
+    leaves = [checks.leaf(inp[n]) if n in present else None for n in DUAL_NAMES]
     y, y_dot = fn(*leaves, groups, EPS, silu)
     loss = 0.0
     if "grad_y" in upstream:
@@ -129,11 +115,11 @@ def _check_gn_dual(seed, shape, groups, dtype, silu, present, upstream=("grad_y"
     inp = _gn_inputs(seed, shape, dtype)
     y, y_dot, grads = _gn_dual_run(cpu.gn_film_silu_dual_cpp, inp, groups, silu, present, upstream)
     y_ref, y_dot_ref, grads_ref = _gn_dual_run(gn_film_silu_dual_reference, inp, groups, silu, present, upstream)
-    _assert_close(y, y_ref, TOL[dtype], "y", seed)
-    _assert_close(y_dot, y_dot_ref, TOL[dtype], "y_dot", seed)
+    checks.assert_close(y, y_ref, TOL[dtype], "y", seed)
+    checks.assert_close(y_dot, y_dot_ref, TOL[dtype], "y_dot", seed)
     for name, g, g_ref in zip(DUAL_NAMES, grads, grads_ref):
         if name in present:
-            _assert_close(g, g_ref, GRAD_TOL[dtype], f"d{name}", seed)
+            checks.assert_close(g, g_ref, GRAD_TOL[dtype], f"d{name}", seed)
 
 
 @pytest.mark.parametrize("silu", [True, False], ids=["silu", "identity"])
@@ -198,15 +184,15 @@ def test_gn_channels_last_inputs(seed):
     assert not cl["x"].is_contiguous()
     y, grads = _gn_plain_run(cpu.gn_film_silu_cpp, cl, groups, True, PLAIN_NAMES)
     y_ref, grads_ref = _gn_plain_run(gn_film_silu_reference, inp, groups, True, PLAIN_NAMES)
-    _assert_close(y, y_ref, TOL[torch.float64], "y", seed)
+    checks.assert_close(y, y_ref, TOL[torch.float64], "y", seed)
     for name, g, g_ref in zip(PLAIN_NAMES, grads, grads_ref):
-        _assert_close(g, g_ref, GRAD_TOL[torch.float64], f"d{name}", seed)
+        checks.assert_close(g, g_ref, GRAD_TOL[torch.float64], f"d{name}", seed)
     upstream = ("grad_y", "grad_y_dot")
     y, y_dot, grads = _gn_dual_run(cpu.gn_film_silu_dual_cpp, cl, groups, True, DUAL_NAMES, upstream)
     y_ref, y_dot_ref, grads_ref = _gn_dual_run(gn_film_silu_dual_reference, inp, groups, True, DUAL_NAMES, upstream)
-    _assert_close(y_dot, y_dot_ref, TOL[torch.float64], "y_dot", seed)
+    checks.assert_close(y_dot, y_dot_ref, TOL[torch.float64], "y_dot", seed)
     for name, g, g_ref in zip(DUAL_NAMES, grads, grads_ref):
-        _assert_close(g, g_ref, GRAD_TOL[torch.float64], f"d{name}", seed)
+        checks.assert_close(g, g_ref, GRAD_TOL[torch.float64], f"d{name}", seed)
 
 
 def test_gn_large_offset_group(seed):
@@ -216,9 +202,9 @@ def test_gn_large_offset_group(seed):
     inp["x"] = inp["x"] + 100.0
     y, grads = _gn_plain_run(cpu.gn_film_silu_cpp, inp, groups, True, PLAIN_NAMES)
     y_ref, grads_ref = _gn_plain_run(gn_film_silu_reference, inp, groups, True, PLAIN_NAMES)
-    _assert_close(y, y_ref, TOL[torch.float32], "y", seed)
+    checks.assert_close(y, y_ref, TOL[torch.float32], "y", seed)
     for name, g, g_ref in zip(PLAIN_NAMES, grads, grads_ref):
-        _assert_close(g, g_ref, 2 * GRAD_TOL[torch.float32], f"d{name}", seed)
+        checks.assert_close(g, g_ref, 2 * GRAD_TOL[torch.float32], f"d{name}", seed)
 
 
 def test_gn_broadcast_and_strided_film(seed):
@@ -228,16 +214,16 @@ def test_gn_broadcast_and_strided_film(seed):
     emb = _randn(torch.Generator().manual_seed(seed + 1), (2, 24), torch.float64)
     for scale in (inp["scale"][0], inp["scale"][:1], emb[:, 8:16]):
         shift = emb[:, 16:]
-        leaves = [_leaf(t) for t in (inp["x"], inp["weight"], inp["bias"], scale, shift)]
-        leaves_ref = [_leaf(t) for t in (inp["x"], inp["weight"], inp["bias"], scale, shift)]
+        leaves = [checks.leaf(t) for t in (inp["x"], inp["weight"], inp["bias"], scale, shift)]
+        leaves_ref = [checks.leaf(t) for t in (inp["x"], inp["weight"], inp["bias"], scale, shift)]
         y = cpu.gn_film_silu_cpp(*leaves, groups, EPS, True)
         y_ref = gn_film_silu_reference(*leaves_ref, groups, EPS, True)
         what = f"(scale {tuple(scale.shape)})"
-        _assert_close(y, y_ref, TOL[torch.float64], f"y {what}", seed)
+        checks.assert_close(y, y_ref, TOL[torch.float64], f"y {what}", seed)
         grads = torch.autograd.grad((y * inp["grad_y"]).sum(), leaves)
         grads_ref = torch.autograd.grad((y_ref * inp["grad_y"]).sum(), leaves_ref)
         for name, g, g_ref in zip(PLAIN_NAMES, grads, grads_ref):
-            _assert_close(g, g_ref, GRAD_TOL[torch.float64], f"d{name} {what}", seed)
+            checks.assert_close(g, g_ref, GRAD_TOL[torch.float64], f"d{name} {what}", seed)
 
 
 def test_gn_dual_without_tangents_returns_none(seed):
@@ -245,73 +231,33 @@ def test_gn_dual_without_tangents_returns_none(seed):
     args = (inp["x"], None, inp["weight"], inp["bias"], inp["scale"], None, inp["shift"], None)
     y, y_dot = cpu.gn_film_silu_dual_cpp(*args, SMALL[1], EPS, True)
     assert y_dot is None
-    _assert_close(y, gn_film_silu_dual_reference(*args, SMALL[1], EPS, True)[0], TOL[torch.float64], "y", seed)
+    checks.assert_close(y, gn_film_silu_dual_reference(*args, SMALL[1], EPS, True)[0], TOL[torch.float64], "y", seed)
 
 
 def test_gn_func_jvp_and_backward_through_tangent(seed):
     """torch.func.jvp uses the Function's jvp (dual op); a loss on (y, ẏ) then backpropagates."""
-    shape, groups = SMALL
-    inp = _gn_inputs(seed, shape, torch.float64)
-    results = []
-    for impl in (cpu.gn_film_silu_cpp, gn_film_silu_reference):
-        primals = [_leaf(inp[n]) for n in ("x", "scale", "shift")]
-        weight = _leaf(inp["weight"])
-        fn = lambda x, scale, shift: impl(x, weight, inp["bias"], scale, shift, groups, EPS, True)  # noqa: E731
-        y, y_dot = torch.func.jvp(fn, tuple(primals), tuple(inp[n] for n in ("x_dot", "scale_dot", "shift_dot")))
-        loss = (y * inp["grad_y"]).sum() + (y_dot * inp["grad_y_dot"]).sum()
-        results.append((y, y_dot, torch.autograd.grad(loss, primals + [weight])))
-    (y, y_dot, grads), (y_ref, y_dot_ref, grads_ref) = results
-    _assert_close(y, y_ref, TOL[torch.float64], "y", seed)
-    _assert_close(y_dot, y_dot_ref, TOL[torch.float64], "y_dot", seed)
-    for name, g, g_ref in zip(("x", "scale", "shift", "weight"), grads, grads_ref):
-        _assert_close(g, g_ref, GRAD_TOL[torch.float64], f"d{name}", seed)
+    inp = _gn_inputs(seed, SMALL[0], torch.float64)
+    checks.check_gn_jvp_then_backward(cpu.gn_film_silu_cpp, gn_film_silu_reference, inp, SMALL[1], EPS,
+                               TOL[torch.float64], GRAD_TOL[torch.float64], seed)
 
 
 def test_gn_func_jvp_parameter_tangents(seed):
     """Tangents on weight/bias (PyTorch term) together with an x tangent (dual op)."""
-    shape, groups = SMALL
-    inp = _gn_inputs(seed, shape, torch.float64)
-    primals = (inp["x"], inp["weight"], inp["bias"])
-    tangents = (inp["x_dot"], inp["scale_dot"][0], inp["shift_dot"][0])
-    outs = [
-        torch.func.jvp(lambda x, w, b: impl(x, w, b, inp["scale"], inp["shift"], groups, EPS, True), primals, tangents)
-        for impl in (cpu.gn_film_silu_cpp, gn_film_silu_reference)
-    ]
-    _assert_close(outs[0][1], outs[1][1], TOL[torch.float64], "y_dot", seed)
+    inp = _gn_inputs(seed, SMALL[0], torch.float64)
+    checks.check_gn_jvp_parameter_tangents(cpu.gn_film_silu_cpp, gn_film_silu_reference, inp, SMALL[1], EPS,
+                                    TOL[torch.float64], seed)
 
 
 def test_gn_forward_ad(seed):
-    shape, groups = SMALL
-    inp = _gn_inputs(seed, shape, torch.float64)
-    _, y_dot_ref = gn_film_silu_dual_reference(
-        inp["x"], inp["x_dot"], inp["weight"], inp["bias"], inp["scale"], inp["scale_dot"], inp["shift"], None,
-        groups, EPS, True,
-    )
-    with fwAD.dual_level():
-        x = fwAD.make_dual(inp["x"], inp["x_dot"])
-        scale = fwAD.make_dual(inp["scale"], inp["scale_dot"])
-        y = cpu.gn_film_silu_cpp(x, inp["weight"], inp["bias"], scale, inp["shift"], groups, EPS, True)
-        y_dot = fwAD.unpack_dual(y).tangent
-    _assert_close(y_dot, y_dot_ref, TOL[torch.float64], "y_dot", seed)
+    inp = _gn_inputs(seed, SMALL[0], torch.float64)
+    checks.check_gn_forward_ad(cpu.gn_film_silu_cpp, gn_film_silu_reference, inp, SMALL[1], EPS, TOL[torch.float64], seed)
 
 
 def test_gn_func_grad(seed):
     """torch.func.grad through the plain Function and the dual operator (register_autograd)."""
-    shape, groups = SMALL
-    inp = _gn_inputs(seed, shape, torch.float64)
-
-    def grads_of(impl_plain, impl_dual):
-        def loss(x, scale):
-            y = impl_plain(x, inp["weight"], inp["bias"], scale, inp["shift"], groups, EPS, True)
-            _, y_dot = impl_dual(y, inp["x_dot"], None, None, scale, inp["scale_dot"], None, None, groups, EPS, False)
-            return (y_dot * inp["grad_y_dot"]).sum()
-
-        return torch.func.grad(loss, argnums=(0, 1))(inp["x"], inp["scale"])
-
-    grads = grads_of(cpu.gn_film_silu_cpp, cpu.gn_film_silu_dual_cpp)
-    grads_ref = grads_of(gn_film_silu_reference, gn_film_silu_dual_reference)
-    for name, g, g_ref in zip(("x", "scale"), grads, grads_ref):
-        _assert_close(g, g_ref, GRAD_TOL[torch.float64], f"d{name}", seed)
+    inp = _gn_inputs(seed, SMALL[0], torch.float64)
+    checks.check_gn_func_grad(cpu.gn_film_silu_cpp, cpu.gn_film_silu_dual_cpp, gn_film_silu_reference,
+                       gn_film_silu_dual_reference, inp, SMALL[1], EPS, GRAD_TOL[torch.float64], seed)
 
 
 def test_gn_invalid_groups_raises():
@@ -345,13 +291,13 @@ def _attn_inputs(seed, shape_q, dtype, seqlen_k=None, head_dim_v=None):
 
 
 def _attn_plain_run(fn, inp):
-    leaves = [_leaf(inp[n]) for n in ("q", "k", "v")]
+    leaves = [checks.leaf(inp[n]) for n in ("q", "k", "v")]
     o = fn(*leaves)
     return o, torch.autograd.grad((o * inp["grad_o"]).sum(), leaves)
 
 
 def _attn_dual_run(fn, inp, present, upstream):
-    leaves = [_leaf(inp[n]) if n in present else None for n in ATTN_NAMES]
+    leaves = [checks.leaf(inp[n]) if n in present else None for n in ATTN_NAMES]
     o, o_dot = fn(*leaves)
     loss = 0.0
     if "grad_o" in upstream:
@@ -364,16 +310,16 @@ def _attn_dual_run(fn, inp, present, upstream):
 def _check_attention(seed, inp, dtype, present=ATTN_NAMES, upstream=("grad_o", "grad_o_dot")):
     o, grads = _attn_plain_run(cpu.attention_cpp, inp)
     o_ref, grads_ref = _attn_plain_run(attention_reference, inp)
-    _assert_close(o, o_ref, TOL[dtype], "o", seed)
+    checks.assert_close(o, o_ref, TOL[dtype], "o", seed)
     for name, g, g_ref in zip(("q", "k", "v"), grads, grads_ref):
-        _assert_close(g, g_ref, GRAD_TOL[dtype], f"d{name}", seed)
+        checks.assert_close(g, g_ref, GRAD_TOL[dtype], f"d{name}", seed)
     o, o_dot, grads = _attn_dual_run(cpu.attention_dual_cpp, inp, present, upstream)
     o_ref, o_dot_ref, grads_ref = _attn_dual_run(attention_dual_reference, inp, present, upstream)
-    _assert_close(o, o_ref, TOL[dtype], "dual o", seed)
-    _assert_close(o_dot, o_dot_ref, TOL[dtype], "o_dot", seed)
+    checks.assert_close(o, o_ref, TOL[dtype], "dual o", seed)
+    checks.assert_close(o_dot, o_dot_ref, TOL[dtype], "o_dot", seed)
     for name, g, g_ref in zip(ATTN_NAMES, grads, grads_ref):
         if name in present:
-            _assert_close(g, g_ref, GRAD_TOL[dtype], f"dual d{name}", seed)
+            checks.assert_close(g, g_ref, GRAD_TOL[dtype], f"dual d{name}", seed)
 
 
 @pytest.mark.parametrize("head_dim", [16, 32, 64])
@@ -413,22 +359,22 @@ def test_attention_dual_without_tangents_returns_none(seed):
     inp = _attn_inputs(seed, (1, 2, 48, 16), torch.float64)
     o, o_dot = cpu.attention_dual_cpp(inp["q"], None, inp["k"], None, inp["v"], None)
     assert o_dot is None
-    _assert_close(o, attention_reference(inp["q"], inp["k"], inp["v"]), TOL[torch.float64], "o", seed)
+    checks.assert_close(o, attention_reference(inp["q"], inp["k"], inp["v"]), TOL[torch.float64], "o", seed)
 
 
 def test_attention_func_jvp_then_backward_through_tangent(seed):
     inp = _attn_inputs(seed, (2, 2, 48, 16), torch.float64)
     results = []
     for impl in (cpu.attention_cpp, attention_reference):
-        primals = [_leaf(inp[n]) for n in ("q", "k", "v")]
+        primals = [checks.leaf(inp[n]) for n in ("q", "k", "v")]
         o, o_dot = torch.func.jvp(impl, tuple(primals), tuple(inp[n] for n in ("q_dot", "k_dot", "v_dot")))
         loss = (o * inp["grad_o"]).sum() + (o_dot * inp["grad_o_dot"]).sum()
         results.append((o, o_dot, torch.autograd.grad(loss, primals)))
     (o, o_dot, grads), (o_ref, o_dot_ref, grads_ref) = results
-    _assert_close(o, o_ref, TOL[torch.float64], "o", seed)
-    _assert_close(o_dot, o_dot_ref, TOL[torch.float64], "o_dot", seed)
+    checks.assert_close(o, o_ref, TOL[torch.float64], "o", seed)
+    checks.assert_close(o_dot, o_dot_ref, TOL[torch.float64], "o_dot", seed)
     for name, g, g_ref in zip(("q", "k", "v"), grads, grads_ref):
-        _assert_close(g, g_ref, GRAD_TOL[torch.float64], f"d{name}", seed)
+        checks.assert_close(g, g_ref, GRAD_TOL[torch.float64], f"d{name}", seed)
 
 
 def test_attention_forward_ad(seed):
@@ -438,7 +384,7 @@ def test_attention_forward_ad(seed):
         q = fwAD.make_dual(inp["q"], inp["q_dot"])
         v = fwAD.make_dual(inp["v"], inp["v_dot"])
         o_dot = fwAD.unpack_dual(cpu.attention_cpp(q, inp["k"], v)).tangent
-    _assert_close(o_dot, o_dot_ref, TOL[torch.float64], "o_dot", seed)
+    checks.assert_close(o_dot, o_dot_ref, TOL[torch.float64], "o_dot", seed)
 
 
 def test_attention_invalid_shapes_raise():
@@ -461,7 +407,7 @@ def test_dispatcher_uses_cpp_on_cpu(seed):
     y = ops.gn_film_silu(inp["x"], inp["weight"], inp["bias"], inp["scale"], inp["shift"], groups=SMALL[1],
                          fused=True)
     y_ref = gn_film_silu_reference(inp["x"], inp["weight"], inp["bias"], inp["scale"], inp["shift"], SMALL[1])
-    _assert_close(y, y_ref, TOL[torch.float64], "y", seed)
+    checks.assert_close(y, y_ref, TOL[torch.float64], "y", seed)
 
 
 def _fused_loss(gn_plain, gn_dual, attn_plain, attn_dual, gn_inp, attn_inp, groups):
@@ -494,15 +440,15 @@ def test_torch_compile_fullgraph(backend, seed):
     reference = _fused_loss(gn_film_silu_reference, gn_film_silu_dual_reference, attention_reference,
                             attention_dual_reference, gn_inp, attn_inp, groups)
     compiled = torch.compile(fused, backend=backend, fullgraph=True)
-    leaves = [_leaf(t) for t in args]
+    leaves = [checks.leaf(t) for t in args]
     loss = compiled(*leaves)
     grads = torch.autograd.grad(loss, leaves)
-    leaves_ref = [_leaf(t) for t in args]
+    leaves_ref = [checks.leaf(t) for t in args]
     loss_ref = reference(*leaves_ref)
     grads_ref = torch.autograd.grad(loss_ref, leaves_ref)
-    _assert_close(loss, loss_ref, TOL[torch.float32], "loss", seed)
+    checks.assert_close(loss, loss_ref, TOL[torch.float32], "loss", seed)
     for name, g, g_ref in zip(names + ("q",), grads, grads_ref):
-        _assert_close(g, g_ref, GRAD_TOL[torch.float32], f"d{name}", seed)
+        checks.assert_close(g, g_ref, GRAD_TOL[torch.float32], f"d{name}", seed)
 
 
 @pytest.mark.slow
@@ -510,14 +456,14 @@ def test_torch_compile_fullgraph(backend, seed):
 def test_opcheck(seed):
     """torch.library.opcheck: schema, fake kernels, autograd registration, AOT dispatch."""
     ops = torch.ops.fastflow_cpp
-    gn_inp = {k: _leaf(v) for k, v in _gn_inputs(seed, (2, 4, 3, 3), torch.float32).items()}
+    gn_inp = {k: checks.leaf(v) for k, v in _gn_inputs(seed, (2, 4, 3, 3), torch.float32).items()}
     plain = tuple(gn_inp[n] for n in PLAIN_NAMES) + (2, EPS, True)
     dual = tuple(gn_inp[n] for n in DUAL_NAMES) + (2, EPS, True)
     torch.library.opcheck(ops.gn_film_silu_fwd, plain)
     torch.library.opcheck(ops.gn_film_silu_fwd, (gn_inp["x"], None, None, None, None, 2, EPS, False))
     torch.library.opcheck(ops.gn_film_silu_dual_fwd, dual)
     torch.library.opcheck(ops.gn_film_silu_dual_fwd, (gn_inp["x"], None) + dual[2:7] + (None, 2, EPS, True))
-    attn_inp = {k: _leaf(v) for k, v in _attn_inputs(seed, (1, 2, 9, 8), torch.float32).items()}
+    attn_inp = {k: checks.leaf(v) for k, v in _attn_inputs(seed, (1, 2, 9, 8), torch.float32).items()}
     torch.library.opcheck(ops.attention_fwd, (attn_inp["q"], attn_inp["k"], attn_inp["v"]))
     torch.library.opcheck(ops.attention_dual_fwd, tuple(attn_inp[n] for n in ATTN_NAMES))
     torch.library.opcheck(ops.attention_dual_fwd, (attn_inp["q"], None, attn_inp["k"], attn_inp["k_dot"],

@@ -21,10 +21,10 @@ import pytest  # noqa: E402
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
-import torch.autograd.forward_ad as fwAD  # noqa: E402
 
 from fastflow.ops.reference import gn_film_silu_dual_reference, gn_film_silu_reference  # noqa: E402
 from kernels import gn_film_silu as gn  # noqa: E402
+import _op_checks as checks  # noqa: E402  (tests/_op_checks.py)
 
 _INTERPRET = os.environ["TRITON_INTERPRET"] == "1"
 DEVICE = "cpu" if _INTERPRET else "cuda"
@@ -76,24 +76,6 @@ def _make(seed, shape, dtype, param_dtype=None):
     }
 
 
-def _leaf(t):
-    return None if t is None else t.detach().clone().requires_grad_()
-
-
-def _assert_close(actual, expected, tol, what, seed):
-    assert actual is not None and expected is not None, f"{what}: missing tensor (seed={seed})"
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape} (seed={seed})"
-    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype} (seed={seed})"
-    actual64 = actual.detach().double()
-    assert torch.isfinite(actual64).all(), (
-        f"{what}: {int((~torch.isfinite(actual64)).sum())} non-finite elements "
-        f"(unwritten output?) (seed={seed})"
-    )
-    scale = max(1.0, expected.detach().abs().max().item())
-    err = (actual64 - expected.detach().double()).abs().max().item()
-    assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol:g} x {scale:.3g} (seed={seed})"
-
-
 def _grads(loss, leaves):
     """Grads of ``loss`` w.r.t. the non-None leaves; unused leaves get zeros, None stays None."""
     present = [t for t in leaves if t is not None]
@@ -108,7 +90,7 @@ PLAIN_NAMES = ("x", "weight", "bias", "scale", "shift")
 
 
 def _plain_run(fn, inp, groups, silu, present):
-    leaves = [_leaf(inp[n]) if n in present else None for n in PLAIN_NAMES]
+    leaves = [checks.leaf(inp[n]) if n in present else None for n in PLAIN_NAMES]
     y = fn(*leaves, groups, EPS, silu)
     return y, _grads((y * inp["grad_y"]).sum(), leaves)
 
@@ -117,10 +99,10 @@ def _check_plain(seed, shape, groups, dtype, silu, present, param_dtype=None, to
     inp = _make(seed, shape, dtype, param_dtype)
     y, grads = _plain_run(gn.gn_film_silu_triton, inp, groups, silu, present)
     y_ref, grads_ref = _plain_run(gn_film_silu_reference, inp, groups, silu, present)
-    _assert_close(y, y_ref, TOL[dtype] * tol_scale, "y", seed)
+    checks.assert_close(y, y_ref, TOL[dtype] * tol_scale, "y", seed)
     for name, g, g_ref in zip(PLAIN_NAMES, grads, grads_ref):
         if name in present:
-            _assert_close(g, g_ref, GRAD_TOL[dtype] * tol_scale, f"d{name}", seed)
+            checks.assert_close(g, g_ref, GRAD_TOL[dtype] * tol_scale, f"d{name}", seed)
 
 
 ALL_PLAIN = PLAIN_NAMES
@@ -156,7 +138,7 @@ DUAL_NAMES = ("x", "x_dot", "weight", "bias", "scale", "scale_dot", "shift", "sh
 
 
 def _dual_run(fn, inp, groups, silu, present, upstream=("grad_y", "grad_y_dot")):
-    leaves = [_leaf(inp[n]) if n in present else None for n in DUAL_NAMES]
+    leaves = [checks.leaf(inp[n]) if n in present else None for n in DUAL_NAMES]
     y, y_dot = fn(*leaves, groups, EPS, silu)
     loss = 0.0
     if "grad_y" in upstream:
@@ -170,11 +152,11 @@ def _check_dual(seed, shape, groups, dtype, silu, present, upstream=("grad_y", "
     inp = _make(seed, shape, dtype)
     y, y_dot, grads = _dual_run(gn.gn_film_silu_dual_triton, inp, groups, silu, present, upstream)
     y_ref, y_dot_ref, grads_ref = _dual_run(gn_film_silu_dual_reference, inp, groups, silu, present, upstream)
-    _assert_close(y, y_ref, TOL[dtype] * tol_scale, "y", seed)
-    _assert_close(y_dot, y_dot_ref, TOL[dtype] * tol_scale, "y_dot", seed)
+    checks.assert_close(y, y_ref, TOL[dtype] * tol_scale, "y", seed)
+    checks.assert_close(y_dot, y_dot_ref, TOL[dtype] * tol_scale, "y_dot", seed)
     for name, g, g_ref in zip(DUAL_NAMES, grads, grads_ref):
         if name in present:
-            _assert_close(g, g_ref, GRAD_TOL[dtype] * tol_scale, f"d{name}", seed)
+            checks.assert_close(g, g_ref, GRAD_TOL[dtype] * tol_scale, f"d{name}", seed)
 
 
 ALL_DUAL = DUAL_NAMES
@@ -217,7 +199,7 @@ def test_dual_without_tangents_returns_none(seed):
     args = (inp["x"], None, inp["weight"], inp["bias"], inp["scale"], None, inp["shift"], None)
     y, y_dot = gn.gn_film_silu_dual_triton(*args, groups, EPS, True)
     assert y_dot is None
-    _assert_close(y, gn_film_silu_dual_reference(*args, groups, EPS, True)[0], TOL[torch.float32], "y", seed)
+    checks.assert_close(y, gn_film_silu_dual_reference(*args, groups, EPS, True)[0], TOL[torch.float32], "y", seed)
 
 
 def test_multi_block_loops(monkeypatch, seed):
@@ -239,9 +221,9 @@ def test_large_offset_group(seed):
     present = ("x", "weight", "bias", "scale", "shift")
     y, grads = _plain_run(gn.gn_film_silu_triton, inp, groups, True, present)
     y_ref, grads_ref = _plain_run(gn_film_silu_reference, inp, groups, True, present)
-    _assert_close(y, y_ref, TOL[torch.float32], "y", seed)
+    checks.assert_close(y, y_ref, TOL[torch.float32], "y", seed)
     for name, g, g_ref in zip(PLAIN_NAMES, grads, grads_ref):
-        _assert_close(g, g_ref, GRAD_TOL[torch.float32], f"d{name}", seed)
+        checks.assert_close(g, g_ref, GRAD_TOL[torch.float32], f"d{name}", seed)
 
 
 def test_broadcast_and_strided_film(seed):
@@ -252,85 +234,41 @@ def test_broadcast_and_strided_film(seed):
     emb = torch.randn(2, 24, generator=gen).to(DEVICE)
     for scale in (inp["scale"][0], inp["scale"][:1], emb[:, 8:16]):
         shift = emb[:, 16:]  # non-contiguous rows
-        leaves_k = [_leaf(t) for t in (inp["x"], inp["weight"], inp["bias"], scale, shift)]
-        leaves_r = [_leaf(t) for t in (inp["x"], inp["weight"], inp["bias"], scale, shift)]
+        leaves_k = [checks.leaf(t) for t in (inp["x"], inp["weight"], inp["bias"], scale, shift)]
+        leaves_r = [checks.leaf(t) for t in (inp["x"], inp["weight"], inp["bias"], scale, shift)]
         y = gn.gn_film_silu_triton(*leaves_k, groups, EPS, True)
         y_ref = gn_film_silu_reference(*leaves_r, groups, EPS, True)
-        _assert_close(y, y_ref, TOL[torch.float32], f"y (scale {tuple(scale.shape)})", seed)
+        checks.assert_close(y, y_ref, TOL[torch.float32], f"y (scale {tuple(scale.shape)})", seed)
         grads = torch.autograd.grad((y * inp["grad_y"]).sum(), leaves_k)
         grads_ref = torch.autograd.grad((y_ref * inp["grad_y"]).sum(), leaves_r)
         for name, g, g_ref in zip(PLAIN_NAMES, grads, grads_ref):
-            _assert_close(g, g_ref, GRAD_TOL[torch.float32], f"d{name} (scale {tuple(scale.shape)})", seed)
-
-
-def _plain_fn(impl, inp, groups, silu=True):
-    return lambda x, scale, shift: impl(x, inp["weight"], inp["bias"], scale, shift, groups, EPS, silu)
+            checks.assert_close(g, g_ref, GRAD_TOL[torch.float32], f"d{name} (scale {tuple(scale.shape)})", seed)
 
 
 def test_func_jvp_and_backward_through_tangent(seed):
     """torch.func.jvp uses the Function's jvp (dual kernel); a loss on (y, ẏ) then backpropagates."""
-    shape, groups = SMALL
-    inp = _make(seed, shape, torch.float32)
-    results = []
-    for impl in (gn.gn_film_silu_triton, gn_film_silu_reference):
-        primals = [_leaf(inp[n]) for n in ("x", "scale", "shift")]
-        weight = _leaf(inp["weight"])
-        fn = lambda x, scale, shift: impl(x, weight, inp["bias"], scale, shift, groups, EPS, True)  # noqa: E731
-        y, y_dot = torch.func.jvp(fn, tuple(primals), tuple(inp[n] for n in ("x_dot", "scale_dot", "shift_dot")))
-        loss = (y * inp["grad_y"]).sum() + (y_dot * inp["grad_y_dot"]).sum()
-        results.append((y, y_dot, torch.autograd.grad(loss, primals + [weight])))
-    (y, y_dot, grads), (y_ref, y_dot_ref, grads_ref) = results
-    _assert_close(y, y_ref, TOL[torch.float32], "y", seed)
-    _assert_close(y_dot, y_dot_ref, TOL[torch.float32], "y_dot", seed)
-    for name, g, g_ref in zip(("x", "scale", "shift", "weight"), grads, grads_ref):
-        _assert_close(g, g_ref, GRAD_TOL[torch.float32], f"d{name}", seed)
+    inp = _make(seed, SMALL[0], torch.float32)
+    checks.check_gn_jvp_then_backward(gn.gn_film_silu_triton, gn_film_silu_reference, inp, SMALL[1], EPS,
+                               TOL[torch.float32], GRAD_TOL[torch.float32], seed)
 
 
 def test_func_jvp_parameter_tangents(seed):
     """Tangents on weight/bias (PyTorch term) together with an x tangent (kernel)."""
-    shape, groups = SMALL
-    inp = _make(seed, shape, torch.float32)
-    primals = (inp["x"], inp["weight"], inp["bias"])
-    tangents = (inp["x_dot"], inp["scale_dot"][0], inp["shift_dot"][0])
-    outs = [
-        torch.func.jvp(lambda x, w, b: impl(x, w, b, inp["scale"], inp["shift"], groups, EPS, True), primals, tangents)
-        for impl in (gn.gn_film_silu_triton, gn_film_silu_reference)
-    ]
-    _assert_close(outs[0][1], outs[1][1], TOL[torch.float32], "y_dot", seed)
+    inp = _make(seed, SMALL[0], torch.float32)
+    checks.check_gn_jvp_parameter_tangents(gn.gn_film_silu_triton, gn_film_silu_reference, inp, SMALL[1], EPS,
+                                    TOL[torch.float32], seed)
 
 
 def test_forward_ad(seed):
-    shape, groups = SMALL
-    inp = _make(seed, shape, torch.float32)
-    y_dot_ref = torch.func.jvp(
-        _plain_fn(gn_film_silu_reference, inp, groups), (inp["x"], inp["scale"], inp["shift"]),
-        (inp["x_dot"], inp["scale_dot"], torch.zeros_like(inp["shift"])),
-    )[1]
-    with fwAD.dual_level():
-        x = fwAD.make_dual(inp["x"], inp["x_dot"])
-        scale = fwAD.make_dual(inp["scale"], inp["scale_dot"])
-        y = _plain_fn(gn.gn_film_silu_triton, inp, groups)(x, scale, inp["shift"])
-        y_dot = fwAD.unpack_dual(y).tangent
-    _assert_close(y_dot, y_dot_ref, TOL[torch.float32], "y_dot", seed)
+    inp = _make(seed, SMALL[0], torch.float32)
+    checks.check_gn_forward_ad(gn.gn_film_silu_triton, gn_film_silu_reference, inp, SMALL[1], EPS, TOL[torch.float32], seed)
 
 
 def test_func_grad(seed):
     """torch.func.grad through both Functions (custom ops with register_autograd cannot)."""
-    shape, groups = SMALL
-    inp = _make(seed, shape, torch.float32)
-
-    def grads_of(impl_plain, impl_dual):
-        def loss(x, scale):
-            y = impl_plain(x, inp["weight"], inp["bias"], scale, inp["shift"], groups, EPS, True)
-            _, y_dot = impl_dual(y, inp["x_dot"], None, None, scale, inp["scale_dot"], None, None, groups, EPS, False)
-            return (y_dot * inp["grad_y_dot"]).sum()
-
-        return torch.func.grad(loss, argnums=(0, 1))(inp["x"], inp["scale"])
-
-    grads = grads_of(gn.gn_film_silu_triton, gn.gn_film_silu_dual_triton)
-    grads_ref = grads_of(gn_film_silu_reference, gn_film_silu_dual_reference)
-    for name, g, g_ref in zip(("x", "scale"), grads, grads_ref):
-        _assert_close(g, g_ref, GRAD_TOL[torch.float32], f"d{name}", seed)
+    inp = _make(seed, SMALL[0], torch.float32)
+    checks.check_gn_func_grad(gn.gn_film_silu_triton, gn.gn_film_silu_dual_triton, gn_film_silu_reference,
+                       gn_film_silu_dual_reference, inp, SMALL[1], EPS, GRAD_TOL[torch.float32], seed)
 
 
 def test_invalid_groups_raises():
@@ -359,15 +297,15 @@ def test_torch_compile_fullgraph(backend, seed):
     names = ("x", "x_dot", "weight", "scale")
     compiled = torch.compile(_compiled_loss(gn.gn_film_silu_triton, gn.gn_film_silu_dual_triton, groups, inp),
                              backend=backend, fullgraph=True)
-    leaves = [_leaf(inp[n]) for n in names]
+    leaves = [checks.leaf(inp[n]) for n in names]
     loss = compiled(*leaves)
     grads = torch.autograd.grad(loss, leaves)
-    leaves_ref = [_leaf(inp[n]) for n in names]
+    leaves_ref = [checks.leaf(inp[n]) for n in names]
     loss_ref = _compiled_loss(gn_film_silu_reference, gn_film_silu_dual_reference, groups, inp)(*leaves_ref)
     grads_ref = torch.autograd.grad(loss_ref, leaves_ref)
-    _assert_close(loss, loss_ref, TOL[torch.float32], "loss", seed)
+    checks.assert_close(loss, loss_ref, TOL[torch.float32], "loss", seed)
     for name, g, g_ref in zip(names, grads, grads_ref):
-        _assert_close(g, g_ref, GRAD_TOL[torch.float32], f"d{name}", seed)
+        checks.assert_close(g, g_ref, GRAD_TOL[torch.float32], f"d{name}", seed)
 
 
 @pytest.mark.slow
@@ -453,11 +391,11 @@ def test_channels_last_inputs(seed):
     assert not cl["x"].is_contiguous()
     y, grads = _plain_run(gn.gn_film_silu_triton, cl, groups, True, PLAIN_NAMES)
     y_ref, grads_ref = _plain_run(gn_film_silu_reference, inp, groups, True, PLAIN_NAMES)
-    _assert_close(y, y_ref, TOL[torch.float32], "y", seed)
+    checks.assert_close(y, y_ref, TOL[torch.float32], "y", seed)
     for name, g, g_ref in zip(PLAIN_NAMES, grads, grads_ref):
-        _assert_close(g, g_ref, GRAD_TOL[torch.float32], f"d{name}", seed)
+        checks.assert_close(g, g_ref, GRAD_TOL[torch.float32], f"d{name}", seed)
     y, y_dot, grads = _dual_run(gn.gn_film_silu_dual_triton, cl, groups, True, DUAL_NAMES)
     y_ref, y_dot_ref, grads_ref = _dual_run(gn_film_silu_dual_reference, inp, groups, True, DUAL_NAMES)
-    _assert_close(y_dot, y_dot_ref, TOL[torch.float32], "y_dot", seed)
+    checks.assert_close(y_dot, y_dot_ref, TOL[torch.float32], "y_dot", seed)
     for name, g, g_ref in zip(DUAL_NAMES, grads, grads_ref):
-        _assert_close(g, g_ref, GRAD_TOL[torch.float32], f"d{name}", seed)
+        checks.assert_close(g, g_ref, GRAD_TOL[torch.float32], f"d{name}", seed)

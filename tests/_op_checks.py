@@ -1,0 +1,89 @@
+"""Checks shared by the fused-op test files (C++ in test_cpp_ops.py, Triton in test_kernels_*.py):
+one implementation against the PyTorch reference under autograd and the torch.func transforms.
+
+``impl``/``reference`` follow the positional contract of ``fastflow.ops.reference``:
+``gn(x, weight, bias, scale, shift, groups, eps, silu)`` and
+``gn_dual(x, x_dot, weight, bias, scale, scale_dot, shift, shift_dot, groups, eps, silu)``.
+``inp`` holds x, x_dot, weight, bias, scale, scale_dot, shift, shift_dot, grad_y, grad_y_dot.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.autograd.forward_ad as fwAD
+
+
+def assert_close(actual, expected, tol, what, seed):
+    """Max error relative to max(1, max |expected|), with shape/dtype/finiteness checks first."""
+    assert actual is not None and expected is not None, f"{what}: missing tensor (seed={seed})"
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape} (seed={seed})"
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype} (seed={seed})"
+    actual64 = actual.detach().double()
+    assert torch.isfinite(actual64).all(), (
+        f"{what}: {int((~torch.isfinite(actual64)).sum())} non-finite elements (unwritten output?) (seed={seed})")
+    scale = max(1.0, expected.detach().abs().max().item())
+    err = (actual64 - expected.detach().double()).abs().max().item()
+    assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol:g} x {scale:.3g} (seed={seed})"
+
+
+def leaf(t):
+    return None if t is None else t.detach().clone().requires_grad_()
+
+
+def check_gn_jvp_then_backward(impl, reference, inp, groups, eps, tol, grad_tol, seed):
+    """torch.func.jvp runs the op's jvp rule (its dual kernel); a loss on (y, ẏ) then backpropagates
+    to x, scale, shift and weight."""
+    results = []
+    for fn_impl in (impl, reference):
+        primals = [leaf(inp[n]) for n in ("x", "scale", "shift")]
+        weight = leaf(inp["weight"])
+        fn = lambda x, scale, shift: fn_impl(x, weight, inp["bias"], scale, shift, groups, eps, True)  # noqa: E731
+        y, y_dot = torch.func.jvp(fn, tuple(primals), tuple(inp[n] for n in ("x_dot", "scale_dot", "shift_dot")))
+        loss = (y * inp["grad_y"]).sum() + (y_dot * inp["grad_y_dot"]).sum()
+        results.append((y, y_dot, torch.autograd.grad(loss, primals + [weight])))
+    (y, y_dot, grads), (y_ref, y_dot_ref, grads_ref) = results
+    assert_close(y, y_ref, tol, "y", seed)
+    assert_close(y_dot, y_dot_ref, tol, "y_dot", seed)
+    for name, g, g_ref in zip(("x", "scale", "shift", "weight"), grads, grads_ref):
+        assert_close(g, g_ref, grad_tol, f"d{name}", seed)
+
+
+def check_gn_jvp_parameter_tangents(impl, reference, inp, groups, eps, tol, seed):
+    """Tangents on weight/bias (the PyTorch term) together with an x tangent (the kernel)."""
+    primals = (inp["x"], inp["weight"], inp["bias"])
+    tangents = (inp["x_dot"], inp["scale_dot"][0], inp["shift_dot"][0])
+    outs = [
+        torch.func.jvp(lambda x, w, b: fn(x, w, b, inp["scale"], inp["shift"], groups, eps, True), primals, tangents)
+        for fn in (impl, reference)
+    ]
+    assert_close(outs[0][1], outs[1][1], tol, "y_dot", seed)
+
+
+def check_gn_forward_ad(impl, reference, inp, groups, eps, tol, seed):
+    """torch.autograd.forward_ad dual tensors through the op (tangents on x and scale)."""
+    def plain(fn):
+        return lambda x, scale, shift: fn(x, inp["weight"], inp["bias"], scale, shift, groups, eps, True)
+
+    y_dot_ref = torch.func.jvp(plain(reference), (inp["x"], inp["scale"], inp["shift"]),
+                               (inp["x_dot"], inp["scale_dot"], torch.zeros_like(inp["shift"])))[1]
+    with fwAD.dual_level():
+        x = fwAD.make_dual(inp["x"], inp["x_dot"])
+        scale = fwAD.make_dual(inp["scale"], inp["scale_dot"])
+        y_dot = fwAD.unpack_dual(plain(impl)(x, scale, inp["shift"])).tangent
+    assert_close(y_dot, y_dot_ref, tol, "y_dot", seed)
+
+
+def check_gn_func_grad(impl, impl_dual, reference, reference_dual, inp, groups, eps, grad_tol, seed):
+    """torch.func.grad through the plain op and the dual op (custom ops with register_autograd
+    alone cannot be transformed)."""
+    def grads_of(fn_plain, fn_dual):
+        def loss(x, scale):
+            y = fn_plain(x, inp["weight"], inp["bias"], scale, inp["shift"], groups, eps, True)
+            _, y_dot = fn_dual(y, inp["x_dot"], None, None, scale, inp["scale_dot"], None, None, groups, eps, False)
+            return (y_dot * inp["grad_y_dot"]).sum()
+
+        return torch.func.grad(loss, argnums=(0, 1))(inp["x"], inp["scale"])
+
+    grads, grads_ref = grads_of(impl, impl_dual), grads_of(reference, reference_dual)
+    for name, g, g_ref in zip(("x", "scale"), grads, grads_ref):
+        assert_close(g, g_ref, grad_tol, f"d{name}", seed)
