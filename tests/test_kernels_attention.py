@@ -97,21 +97,39 @@ def _dual_grads(fn, x, tangents, grad_o, grad_o_dot, dtype=None):
 GRAD_NAMES = ("dq", "dq_dot", "dk", "dk_dot", "dv", "dv_dot")
 
 
+def _check_dual(x, tangents, grad_o, grad_o_dot, dtype, seed):
+    """The dual kernel's O, Ȯ and all six gradients against the float64 reference; returns (O, Ȯ)."""
+    o, o_dot, grads = _dual_grads(attn.attention_dual_triton, x, tangents, grad_o, grad_o_dot)
+    o64, o_dot64, grads64 = _dual_grads(attention_dual_reference, x, tangents, grad_o, grad_o_dot, torch.float64)
+    _assert_close(o, o64, TOL[dtype], "O", seed)
+    _assert_close(o_dot, o_dot64, TOL[dtype], "O_dot", seed)
+    for name, g, g64 in zip(GRAD_NAMES, grads, grads64):
+        assert (g is None) == (g64 is None), f"{name}: None mismatch (seed={seed})"
+        if g is not None:
+            _assert_close(g, g64, GRAD_TOL[dtype], name, seed)
+    return o, o_dot
+
+
+def _check_plain(x, dtype, seed, label=""):
+    """The plain kernel's O and dQ, dK, dV against the float64 reference; returns O."""
+    q, k, v = (_leaf(x[n]) for n in ("q", "k", "v"))
+    o = attn.attention_triton(q, k, v)
+    grads = torch.autograd.grad((o * x["grad_o"]).sum(), (q, k, v))
+    q64, k64, v64 = (_leaf(x[n], torch.float64) for n in ("q", "k", "v"))
+    o64 = attention_reference(q64, k64, v64)
+    grads64 = torch.autograd.grad((o64 * x["grad_o"].double()).sum(), (q64, k64, v64))
+    _assert_close(o, o64, TOL[dtype], f"{label}O", seed)
+    for name, g, g64 in zip(("dq", "dk", "dv"), grads, grads64):
+        _assert_close(g, g64, GRAD_TOL[dtype], f"{label}{name}", seed)
+    return o
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 def test_forward_and_backward(shape, dtype, seed):
     """O, dQ, dK, dV of the plain op against the float64 reference."""
     x = _make(seed, shape, dtype)
-    q, k, v = (_leaf(x[n]) for n in ("q", "k", "v"))
-    o = attn.attention_triton(q, k, v)
-    assert o.dtype == dtype
-    grads = torch.autograd.grad((o * x["grad_o"]).sum(), (q, k, v))
-    q64, k64, v64 = (_leaf(x[n], torch.float64) for n in ("q", "k", "v"))
-    o64 = attention_reference(q64, k64, v64)
-    grads64 = torch.autograd.grad((o64 * x["grad_o"].double()).sum(), (q64, k64, v64))
-    _assert_close(o, o64, TOL[dtype], "O", seed)
-    for name, g, g64 in zip(("dq", "dk", "dv"), grads, grads64):
-        _assert_close(g, g64, GRAD_TOL[dtype], name, seed)
+    assert _check_plain(x, dtype, seed).dtype == dtype
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
@@ -120,14 +138,8 @@ def test_dual_forward_and_backward(shape, dtype, seed):
     """O, Ȯ and the gradients of <G, O> + <Ġ, Ȯ> w.r.t. all six inputs."""
     x = _make(seed, shape, dtype)
     tangents = (x["q_dot"], x["k_dot"], x["v_dot"])
-    o, o_dot, grads = _dual_grads(attn.attention_dual_triton, x, tangents, x["grad_o"], x["grad_o_dot"])
+    o, o_dot = _check_dual(x, tangents, x["grad_o"], x["grad_o_dot"], dtype, seed)
     assert o.dtype == dtype and o_dot.dtype == dtype
-    o64, o_dot64, grads64 = _dual_grads(attention_dual_reference, x, tangents, x["grad_o"],
-                                        x["grad_o_dot"], torch.float64)
-    _assert_close(o, o64, TOL[dtype], "O", seed)
-    _assert_close(o_dot, o_dot64, TOL[dtype], "O_dot", seed)
-    for name, g, g64 in zip(GRAD_NAMES, grads, grads64):
-        _assert_close(g, g64, GRAD_TOL[dtype], name, seed)
 
 
 @pytest.mark.parametrize(
@@ -148,15 +160,7 @@ def test_dual_partial_tangents_and_grads(present, upstream, seed):
     tangents = tuple(x[n] if p else None for n, p in zip(("q_dot", "k_dot", "v_dot"), present))
     grad_o = None if upstream == "o_dot_only" else x["grad_o"]
     grad_o_dot = None if upstream == "o_only" else x["grad_o_dot"]
-    o, o_dot, grads = _dual_grads(attn.attention_dual_triton, x, tangents, grad_o, grad_o_dot)
-    o64, o_dot64, grads64 = _dual_grads(attention_dual_reference, x, tangents, grad_o, grad_o_dot,
-                                        torch.float64)
-    _assert_close(o, o64, TOL[dtype], "O", seed)
-    _assert_close(o_dot, o_dot64, TOL[dtype], "O_dot", seed)
-    for name, g, g64 in zip(GRAD_NAMES, grads, grads64):
-        assert (g is None) == (g64 is None), f"{name}: None mismatch (seed={seed})"
-        if g is not None:
-            _assert_close(g, g64, GRAD_TOL[dtype], name, seed)
+    _check_dual(x, tangents, grad_o, grad_o_dot, dtype, seed)
 
 
 def test_dual_without_tangents_returns_none(seed):
@@ -175,20 +179,8 @@ def test_cross_attention_shapes_and_tiles(seed, monkeypatch):
         "dual_bwd_dkdv": (32, 16), "dual_bwd_dq": (16, 32)})
     x = _make(seed, (1, 2, 40, 32), dtype, shape_k=77, head_dim_v=16)
     tangents = (x["q_dot"], x["k_dot"], x["v_dot"])
-    o, o_dot, grads = _dual_grads(attn.attention_dual_triton, x, tangents, x["grad_o"], x["grad_o_dot"])
-    o64, o_dot64, grads64 = _dual_grads(attention_dual_reference, x, tangents, x["grad_o"],
-                                        x["grad_o_dot"], torch.float64)
-    _assert_close(o, o64, TOL[dtype], "O", seed)
-    _assert_close(o_dot, o_dot64, TOL[dtype], "O_dot", seed)
-    for name, g, g64 in zip(GRAD_NAMES, grads, grads64):
-        _assert_close(g, g64, GRAD_TOL[dtype], name, seed)
-    q, k, v = (_leaf(x[n]) for n in ("q", "k", "v"))
-    plain = torch.autograd.grad((attn.attention_triton(q, k, v) * x["grad_o"]).sum(), (q, k, v))
-    q64, k64, v64 = (_leaf(x[n], torch.float64) for n in ("q", "k", "v"))
-    plain64 = torch.autograd.grad((attention_reference(q64, k64, v64) * x["grad_o"].double()).sum(),
-                                  (q64, k64, v64))
-    for name, g, g64 in zip(("dq", "dk", "dv"), plain, plain64):
-        _assert_close(g, g64, GRAD_TOL[dtype], f"plain {name}", seed)
+    _check_dual(x, tangents, x["grad_o"], x["grad_o_dot"], dtype, seed)
+    _check_plain(x, dtype, seed, "plain ")
 
 
 def test_dual_large_row_offset_in_s_dot(seed):
@@ -288,13 +280,7 @@ def test_dual_multi_head_d64(dtype, seed):
     """A few more heads and rows: B·H = 4, L = 130 (5 tiles of 32, last one ragged), D = 64."""
     x = _make(seed, (2, 2, 130, 64), dtype)
     tangents = (x["q_dot"], x["k_dot"], x["v_dot"])
-    o, o_dot, grads = _dual_grads(attn.attention_dual_triton, x, tangents, x["grad_o"], x["grad_o_dot"])
-    o64, o_dot64, grads64 = _dual_grads(attention_dual_reference, x, tangents, x["grad_o"],
-                                        x["grad_o_dot"], torch.float64)
-    _assert_close(o, o64, TOL[dtype], "O", seed)
-    _assert_close(o_dot, o_dot64, TOL[dtype], "O_dot", seed)
-    for name, g, g64 in zip(GRAD_NAMES, grads, grads64):
-        _assert_close(g, g64, GRAD_TOL[dtype], name, seed)
+    _check_dual(x, tangents, x["grad_o"], x["grad_o_dot"], dtype, seed)
 
 
 @requires_gpu
@@ -306,19 +292,5 @@ def test_gpu_dual_large(shape, dtype, seed):
     """GPU only: production tile sizes, bf16, long sequences (reference in float64 on the GPU)."""
     x = _make(seed, shape, dtype)
     tangents = (x["q_dot"], x["k_dot"], x["v_dot"])
-    o, o_dot, grads = _dual_grads(attn.attention_dual_triton, x, tangents, x["grad_o"], x["grad_o_dot"])
-    o64, o_dot64, grads64 = _dual_grads(attention_dual_reference, x, tangents, x["grad_o"],
-                                        x["grad_o_dot"], torch.float64)
-    _assert_close(o, o64, TOL[dtype], "O", seed)
-    _assert_close(o_dot, o_dot64, TOL[dtype], "O_dot", seed)
-    for name, g, g64 in zip(GRAD_NAMES, grads, grads64):
-        _assert_close(g, g64, GRAD_TOL[dtype], name, seed)
-    q, k, v = (_leaf(x[n]) for n in ("q", "k", "v"))
-    plain = attn.attention_triton(q, k, v)
-    plain_grads = torch.autograd.grad((plain * x["grad_o"]).sum(), (q, k, v))
-    _assert_close(plain, o64, TOL[dtype], "plain O", seed)
-    q64, k64, v64 = (_leaf(x[n], torch.float64) for n in ("q", "k", "v"))
-    plain64 = torch.autograd.grad((attention_reference(q64, k64, v64) * x["grad_o"].double()).sum(),
-                                  (q64, k64, v64))
-    for name, g, g64 in zip(("dq", "dk", "dv"), plain_grads, plain64):
-        _assert_close(g, g64, GRAD_TOL[dtype], f"plain {name}", seed)
+    _check_dual(x, tangents, x["grad_o"], x["grad_o_dot"], dtype, seed)
+    _check_plain(x, dtype, seed, "plain ")
