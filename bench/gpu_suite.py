@@ -26,10 +26,12 @@ out-of-memory in one loses nothing else), under one deadline for the whole suite
 - ``train_compiled``: the train steps under ``torch.compile`` (the Trainer's compile=step). A
   background process compiles them from the start of the suite into a shared Inductor cache (it
   is paused with SIGSTOP whenever something is being timed), so here they load warm.
+- ``train_dist``: with the time left, the FMM dual step under parallelism none / ddp / fsdp
+  (``bench/dist_step.py`` under torchrun, one device: the wrappers' own cost).
 
 Files under ``--out`` ($OUT on the device): ``gpu_suite.json`` (every section's raw results),
 ``<device-slug>_<date>.json`` (bench/results format: copy it into ``bench/results/``),
-``gpu_suite.log`` (written by gpu_suite.sh), ``kernel_tests.log``, ``precompile.log``.
+``gpu_suite.log`` (written by gpu_suite.sh), ``kernel_tests.log``, ``precompile.log``, ``train_dist.log``.
 The summary table is printed last.
 """
 
@@ -58,7 +60,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-SECTIONS = ("env", "ceilings", "train_eager", "kernel_tests", "kernels_micro", "train_compiled")
+SECTIONS = ("env", "ceilings", "train_eager", "kernel_tests", "kernels_micro", "train_compiled", "train_dist")
 RESERVE_S = 12.0  # kept back from the deadline for the summary and the files
 
 
@@ -97,7 +99,7 @@ PROFILES: Dict[str, Profile] = {
     "full": Profile(
         name="full", size="default", total_s=450.0,
         budgets={"env": 30, "ceilings": 40, "train_eager": 140, "kernel_tests": 100, "kernels_micro": 110,
-                 "train_compiled": 170},
+                 "train_compiled": 170, "train_dist": 60},
         train_warmup=3, train_reps=10, train_max_s=8.0, train_eager=_FULL_TRAIN,
         precompile=["flow_matching", "fmm_dual", "fmm_finite_difference", "fmm_jvp"],
         micro_reps=40, gn_shapes=[(128, 128, 64, 64), (128, 256, 32, 32)], gn_groups=32,
@@ -107,7 +109,7 @@ PROFILES: Dict[str, Profile] = {
     "quick": Profile(
         name="quick", size="small", total_s=140.0,
         budgets={"env": 20, "ceilings": 20, "train_eager": 35, "kernels_micro": 30, "kernel_tests": 45,
-                 "train_compiled": 60},
+                 "train_compiled": 60, "train_dist": 25},
         train_warmup=1, train_reps=3, train_max_s=2.0,
         train_eager=[("flow_matching", "reference"), ("fmm_dual", "reference"), ("fmm_dual", "fused"),
                      ("course_fmm", "reference")],
@@ -118,7 +120,7 @@ PROFILES: Dict[str, Profile] = {
     "cpu": Profile(
         name="cpu", size="tiny", total_s=420.0,
         budgets={"env": 40, "ceilings": 40, "train_eager": 110, "kernels_micro": 110, "kernel_tests": 60,
-                 "train_compiled": 200},
+                 "train_compiled": 200, "train_dist": 60},
         train_warmup=1, train_reps=2, train_max_s=3.0,
         train_eager=[("flow_matching", "reference"), ("fmm_dual", "reference"),
                      ("fmm_finite_difference", "reference"), ("fmm_jvp", "reference"),
@@ -608,6 +610,45 @@ def _attention_dual_micro(ctx: Ctx, shape: Tuple[int, int, int, int], with_compi
     _free_memory()
 
 
+def section_train_dist(ctx: Ctx) -> None:
+    """FMM dual train step under parallelism none / ddp / fsdp (eager) through ``bench/dist_step.py``
+    with torchrun on one device: what the DDP and FSDP2 wrappers cost by themselves (world size 1:
+    no peer; the CPU results hold the 2-rank ratios). Runs last, with what time is left."""
+    out = ctx.tmp / "dist_step.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+           str(REPO_ROOT / "bench" / "dist_step.py"), "--size", ctx.profile.size, "--case", "fmm_dual",
+           "--parallelism", "none,ddp,fsdp", "--compile", "none", "--steps", "5",
+           "--warmup", "2", "--out", str(out)]
+    timeout = ctx.left() - 3
+    if timeout < 15:
+        ctx.results.update(status="skipped", reason="section budget spent")
+        return
+    log_path = ctx.out / "train_dist.log"
+    with paused_background(ctx), open(log_path, "w") as log:
+        proc = _spawn(cmd, cwd=REPO_ROOT, env=dict(os.environ), stdout=log, stderr=subprocess.STDOUT)
+        try:
+            ctx.results["returncode"] = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            ctx.results["returncode"] = "timeout"
+        finally:
+            _kill_group(proc)
+    try:
+        doc = json.loads(out.read_text())
+    except (OSError, ValueError):
+        ctx.results.update(status="error", reason=f"no results (exit {ctx.results['returncode']}); see {log_path.name}")
+        return
+    for bench in doc.get("benchmarks", []):
+        params, extra = bench["params"], bench.get("extra_info", {})
+        key = f"fmm_dual-{params['parallelism']}-eager-w{params['world_size']}"
+        ctx.results[key] = {"status": "ok", "case": "fmm_dual", "parallelism": params["parallelism"],
+                            "world_size": params["world_size"], "stats": bench["stats"],
+                            **{k: extra.get(k) for k in ("img_per_s", "first_step_s", "ratio_vs_none_eager",
+                                                         "peak_mem_mb", "images_per_step")}}
+        print(f"  {key}: {_fmt_ms(bench['stats']['median'])} ms/step  {extra.get('img_per_s', 0):,.0f} img/s  "
+              f"x{extra.get('ratio_vs_none_eager') or float('nan'):.2f} vs none", flush=True)
+        ctx.save()
+
+
 def section_kernels_micro(ctx: Ctx) -> None:
     """In priority order, so that a spent budget drops the least important cases."""
     p = ctx.profile
@@ -975,6 +1016,14 @@ def render_summary(profile: Profile, device: Dict[str, Any], data: Dict[str, Dic
             lines.append(f"  FM step MFU ({fm_rec['mode']}): {pct(fm_rec.get('mfu'))} of the datasheet bf16 peak, "
                          f"{pct(fm_rec.get('mfu_vs_measured'))} of the measured matmul rate")
 
+    dist = {k: v for k, v in data.get("train_dist", {}).items() if isinstance(v, dict) and v.get("stats")}
+    if dist:
+        lines += ["", "parallelism, one device (FMM dual step; DDP/FSDP2 wrappers without peers)"]
+        for key, rec in dist.items():
+            ratio = rec.get("ratio_vs_none_eager")
+            lines.append(f"  {key}: {_fmt_ms(rec['stats']['median'])} ms  {rec.get('img_per_s') or 0:,.0f} img/s"
+                         + ("" if ratio is None else f"  x{ratio:.2f} vs none"))
+
     micro = data.get("kernels_micro", {})
     if micro:
         lines += ["", "kernels (median ms; speedup = other / fused)"]
@@ -1022,6 +1071,10 @@ def bench_records(profile: Profile, data: Dict[str, Dict[str, Any]]) -> List[Dic
                 add("train_step", f"train_step[{key}]", rec, {"case": rec["case"], "impl": rec["impl"], "mode": rec["mode"]})
     for key, rec in data.get("kernels_micro", {}).items():
         add(f"kernels-{key.split('[')[0]}", key, rec, {})
+    for key, rec in data.get("train_dist", {}).items():
+        if isinstance(rec, dict) and "parallelism" in rec:
+            add("dist_step", f"dist_step[{key}]", rec, {"case": rec["case"], "parallelism": rec["parallelism"],
+                                                         "world_size": rec["world_size"]})
     ceil = data.get("ceilings", {})
     if ceil.get("copy_bytes_per_s"):
         seconds = 2 * ceil["copy_nbytes"] / ceil["copy_bytes_per_s"]
