@@ -239,6 +239,20 @@ at::Tensor tangent_or_zeros(const std::optional<at::Tensor>& t, const at::Tensor
   return as_compute(*t, ct);
 }
 
+// Q, K, V and their tangents (zeros where absent) in the compute type: the dual forward's and the
+// dual backward's inputs.
+struct DualQKV {
+  at::Tensor q, k, v, qd, kd, vd;
+};
+
+DualQKV dual_inputs(const at::Tensor& q_in, const std::optional<at::Tensor>& q_dot, const at::Tensor& k_in,
+                    const std::optional<at::Tensor>& k_dot, const at::Tensor& v_in,
+                    const std::optional<at::Tensor>& v_dot, at::ScalarType ct) {
+  return {as_compute(q_in, ct), as_compute(k_in, ct), as_compute(v_in, ct),
+          tangent_or_zeros(q_dot, q_in, ct, "q_dot"), tangent_or_zeros(k_dot, k_in, ct, "k_dot"),
+          tangent_or_zeros(v_dot, v_in, ct, "v_dot")};
+}
+
 // Query rows per block: ≤ 64, fewer for long keys so a block's score buffers stay ~L2-sized.
 int64_t rows_per_block(int64_t lk, int64_t buffers) {
   const int64_t budget = (256 * 1024) / (4 * buffers);  // elements per buffer
@@ -348,10 +362,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_dual_fwd(
     const std::optional<at::Tensor>& v_dot) {
   const Dims dm = check_qkv(q_in, k_in, v_in);
   const auto ct = compute_type(q_in);
-  const at::Tensor q = as_compute(q_in, ct), k = as_compute(k_in, ct), v = as_compute(v_in, ct);
-  const at::Tensor qd = tangent_or_zeros(q_dot, q_in, ct, "q_dot");
-  const at::Tensor kd = tangent_or_zeros(k_dot, k_in, ct, "k_dot");
-  const at::Tensor vd = tangent_or_zeros(v_dot, v_in, ct, "v_dot");
+  const DualQKV in = dual_inputs(q_in, q_dot, k_in, k_dot, v_in, v_dot, ct);
+  const at::Tensor &q = in.q, &k = in.k, &v = in.v, &qd = in.qd, &kd = in.kd, &vd = in.vd;
   at::Tensor o = at::zeros({q.size(0), q.size(1), dm.lq, dm.dv}, q.options());
   at::Tensor od = at::zeros_like(o);
   at::Tensor lse = at::full({q.size(0), q.size(1), dm.lq}, -std::numeric_limits<double>::infinity(), q.options());
@@ -396,10 +408,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& v_dot, const at::Tensor& lse_in) {
   const Dims dm = check_qkv(q_in, k_in, v_in);
   const auto ct = compute_type(q_in);
-  const at::Tensor q = as_compute(q_in, ct), k = as_compute(k_in, ct), v = as_compute(v_in, ct);
-  const at::Tensor qd = tangent_or_zeros(q_dot, q_in, ct, "q_dot");
-  const at::Tensor kd = tangent_or_zeros(k_dot, k_in, ct, "k_dot");
-  const at::Tensor vd = tangent_or_zeros(v_dot, v_in, ct, "v_dot");
+  const DualQKV in = dual_inputs(q_in, q_dot, k_in, k_dot, v_in, v_dot, ct);
+  const at::Tensor &q = in.q, &k = in.k, &v = in.v, &qd = in.qd, &kd = in.kd, &vd = in.vd;
   const at::Tensor o_like = at::empty({q.size(0), q.size(1), dm.lq, dm.dv}, q.options());
   const at::Tensor go = tangent_or_zeros(grad_o, o_like, ct, "grad_o");
   const at::Tensor god = tangent_or_zeros(grad_o_dot, o_like, ct, "grad_o_dot");

@@ -123,6 +123,32 @@ struct GroupArgs {
   const T* shift_dot;  // dual only
 };
 
+// Per-channel coefficients of the dual forward, shared by its backward (which recomputes z, ż):
+//   z = a·x + b,   ż = p·ẋ + q·x + t,   with γ s1 = w·(1 + s) and the group's μ, r, mẋ, K.
+// ż = γ s1·(r ẋ − r² K x + r² K μ − r mẋ) + ṡ·(γ r x + β − γ r μ) + ṫ
+template <typename T>
+struct DualChannel {
+  double w, beta, s1, sd, gam;
+  T a, b, p, q, t;
+};
+
+template <typename T>
+FASTFLOW_INLINE DualChannel<T> dual_channel(const GroupArgs<T>& g, int64_t c, double mean, double r,
+                                            double mxd, double kk) {
+  DualChannel<T> d;
+  d.w = g.weight[c];
+  d.beta = g.bias[c];
+  d.s1 = 1.0 + g.scale[c];
+  d.sd = g.scale_dot[c];
+  d.gam = d.w * d.s1;
+  d.a = static_cast<T>(r * d.gam);
+  d.b = static_cast<T>((d.beta - mean * r * d.w) * d.s1 + g.shift[c]);
+  d.p = static_cast<T>(d.gam * r);
+  d.q = static_cast<T>(-d.gam * r * r * kk + d.sd * d.w * r);
+  d.t = static_cast<T>(d.gam * (r * r * kk * mean - r * mxd) + d.sd * (d.beta - d.w * r * mean) + g.shift_dot[c]);
+  return d;
+}
+
 // Forward: y = act(a_c·x + b_c), a_c = r·γ·s1, b_c = (β − μ·r·γ)·s1 + t. Writes μ, r.
 template <typename T, bool silu>
 FASTFLOW_INLINE void gn_fwd_group(const GroupArgs<T>& g, const T* x, T* y, double eps,
@@ -229,14 +255,8 @@ FASTFLOW_INLINE void gn_dual_fwd_group(const GroupArgs<T>& g, const T* x, const 
   stats[2] = static_cast<T>(mxd);
   stats[3] = static_cast<T>(kk);
   for (int64_t c = 0; c < g.channels; ++c) {
-    const double w = g.weight[c], beta = g.bias[c], s1 = 1.0 + g.scale[c], sd = g.scale_dot[c];
-    const double gam = w * s1;
-    const T a = static_cast<T>(r * gam);
-    const T b = static_cast<T>((beta - mean * r * w) * s1 + g.shift[c]);
-    // ż = γ s1·(r ẋ − r² K x + r² K μ − r mẋ) + ṡ·(γ r x + β − γ r μ) + ṫ
-    const T p = static_cast<T>(gam * r);
-    const T q = static_cast<T>(-gam * r * r * kk + sd * w * r);
-    const T t = static_cast<T>(gam * (r * r * kk * mean - r * mxd) + sd * (beta - w * r * mean) + g.shift_dot[c]);
+    const DualChannel<T> d = dual_channel(g, c, mean, r, mxd, kk);
+    const T a = d.a, b = d.b, p = d.p, q = d.q, t = d.t;
     const T* xc = x + c * g.hw;
     const T* xdc = xd + c * g.hw;
     T* yc = y + c * g.hw;
@@ -280,13 +300,9 @@ FASTFLOW_INLINE void gn_dual_bwd_group(const GroupArgs<T>& g, const T* x, const 
   const T nd_x = static_cast<T>(-r * r * kk), nd_c = static_cast<T>(r * r * kk * mean - r * mxd);
   double p1 = 0, p2 = 0, p3 = 0, q1 = 0, q2 = 0;  // Σgṅ, Σgṅ n̂, Σgṅ ṅ, Σgn̂, Σgn̂ n̂
   for (int64_t c = 0; c < g.channels; ++c) {
-    const double w = g.weight[c], beta = g.bias[c], s1 = 1.0 + g.scale[c], sd = g.scale_dot[c];
-    const double gam = w * s1;
-    const T a = static_cast<T>(r * gam);
-    const T b = static_cast<T>((beta - mean * r * w) * s1 + g.shift[c]);
-    const T p = static_cast<T>(gam * r);
-    const T q = static_cast<T>(-gam * r * r * kk + sd * w * r);
-    const T t = static_cast<T>(gam * (r * r * kk * mean - r * mxd) + sd * (beta - w * r * mean) + g.shift_dot[c]);
+    const DualChannel<T> d = dual_channel(g, c, mean, r, mxd, kk);
+    const double w = d.w, beta = d.beta, s1 = d.s1, sd = d.sd, gam = d.gam;
+    const T a = d.a, b = d.b, p = d.p, q = d.q, t = d.t;
     const int64_t off = c * g.hw;
     V acc_a = VT::splat(T(0)), acc_b = VT::splat(T(0)), acc_c = VT::splat(T(0));
     V acc_d = VT::splat(T(0)), acc_e = VT::splat(T(0));
