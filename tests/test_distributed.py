@@ -264,11 +264,16 @@ def check_case(out: Path, tmp: Path, case: str, grad_rtol: float = 2e-5) -> None
 
 
 # ------------------------------------------------------------------------------------ tests
+def run_grads(tmp_path_factory, name: str, cases: List[str], timeout: int) -> Path:
+    """One torchrun (2 ranks) that trains every case and saves each rank's gradients and weights."""
+    out = tmp_path_factory.mktemp(name)
+    torchrun(["grads", str(out), *cases], timeout=timeout)
+    return out
+
+
 @pytest.fixture(scope="module")
 def default_grads(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dist_grads")
-    torchrun(["grads", str(out), *DEFAULT_CASES])
-    return out
+    return run_grads(tmp_path_factory, "dist_grads", DEFAULT_CASES, timeout=240)
 
 
 @pytest.mark.parametrize("case", DEFAULT_CASES)
@@ -278,9 +283,7 @@ def test_grads_and_weights_match_single_process(default_grads, tmp_path, case):
 
 @pytest.fixture(scope="module")
 def slow_grads(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dist_grads_slow")
-    torchrun(["grads", str(out), *SLOW_CASES], timeout=420)
-    return out
+    return run_grads(tmp_path_factory, "dist_grads_slow", SLOW_CASES, timeout=420)
 
 
 @pytest.mark.slow
@@ -291,9 +294,7 @@ def test_grads_match_single_process_other_backends(slow_grads, tmp_path, case):
 
 @pytest.fixture(scope="module")
 def compile_grads(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dist_grads_compile")
-    torchrun(["grads", str(out), *COMPILE_CASES], timeout=1500)
-    return out
+    return run_grads(tmp_path_factory, "dist_grads_compile", COMPILE_CASES, timeout=1500)
 
 
 @pytest.mark.slow
