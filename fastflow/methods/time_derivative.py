@@ -61,11 +61,11 @@ def _jvp_uses_reference(model: nn.Module, device: torch.device) -> bool:
     """
     if not _uses_fused_kernels(model):
         return False
-    compiling = torch.compiler.is_compiling()
-    backend = ops.fused_backend_for(device)
-    if not compiling and backend != "reference":
+    if torch.compiler.is_compiling():
+        return True
+    if ops.fused_backend_for(device) != "reference":
         return False
-    if not compiling and "jvp-fused" not in _WARNED:
+    if "jvp-fused" not in _WARNED:
         _WARNED.add("jvp-fused")
         warnings.warn(
             "derivative=jvp: the fused ops resolve to the PyTorch reference on this device; torch.func.jvp "

@@ -544,7 +544,8 @@ def train_from_config(config: Config, *, resume: Optional[str] = None, overfit: 
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-    if (config.logging.profile or config.logging.memory_history) and torch.cuda.is_available():
+    record_history = config.logging.profile or config.logging.memory_history
+    if record_history and torch.cuda.is_available():
         torch.cuda.memory._record_memory_history(max_entries=100_000)
     trainer = Trainer(config, resume=resume, overfit=overfit, quiet=quiet)
     try:
@@ -554,7 +555,7 @@ def train_from_config(config: Config, *, resume: Optional[str] = None, overfit: 
             snapshot = trainer.run_dir / f"oom_snapshot_rank{trainer.ctx.rank}.pickle"
             snapshot.parent.mkdir(parents=True, exist_ok=True)
             torch.cuda.memory._dump_snapshot(str(snapshot))
-            hint = "" if (config.logging.profile or config.logging.memory_history) else (
+            hint = "" if record_history else (
                 "; allocator state only: set logging.memory_history=true for allocation stacks")
             print(f"CUDA out of memory; memory snapshot written to {snapshot} (open it at pytorch.org/memory_viz){hint}",
                   file=sys.stderr)
