@@ -49,6 +49,18 @@ SLOW_CASES = [
 COMPILE_CASES = ["fsdp:flow_map_matching:dual:block", "fsdp:flow_map_matching:finite_difference:block"]
 
 
+def _runs_here(case: str) -> bool:
+    """FSDP2 + torch.func.jvp needs torch >= FSDP_JVP_MIN_TORCH (the Trainer refuses it earlier;
+    test_precision_policy_and_unsupported_combinations checks the refusal)."""
+    from fastflow.train.fsdp import FSDP_JVP_MIN_TORCH, torch_release
+
+    return not (case.startswith("fsdp:flow_map_matching:jvp") and torch_release() < FSDP_JVP_MIN_TORCH)
+
+
+DEFAULT_CASES = [c for c in DEFAULT_CASES if _runs_here(c)]
+SLOW_CASES = [c for c in SLOW_CASES if _runs_here(c)]
+
+
 def case_overrides(case: str) -> List[str]:
     parallelism, method, derivative, *flags = case.split(":")
     out = [f"method={method}", f"infrastructure.parallelism={parallelism}", "training.ema_start=0"]
@@ -434,7 +446,7 @@ def test_sharded_checkpoints_atomic_pruned_and_found(tiny_config, monkeypatch):
         "latest", "step_00000006", "step_00000008"]
 
 
-def test_precision_policy_and_unsupported_combinations(tiny_config):
+def test_precision_policy_and_unsupported_combinations(tiny_config, monkeypatch):
     from fastflow.train.fsdp import UnsupportedParallelism, check_fsdp_config, fsdp_param_dtype
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
@@ -451,6 +463,17 @@ def test_precision_policy_and_unsupported_combinations(tiny_config):
                        "infrastructure.parallelism=fsdp")
     with pytest.raises(UnsupportedParallelism, match="parallelism=fsdp with precision=fp16"):
         check_fsdp_config(fp16, cuda)
+    # FSDP2 + torch.func.jvp crashes in backward before torch 2.13 (measured on 2.11 and 2.12).
+    from fastflow.train import fsdp
+
+    jvp = tiny_config("flow_map_matching", "flow_map_matching.derivative=jvp", "infrastructure.parallelism=fsdp")
+    dual = tiny_config("flow_map_matching", "flow_map_matching.derivative=dual", "infrastructure.parallelism=fsdp")
+    monkeypatch.setattr(fsdp.torch, "__version__", "2.11.0+cu130")
+    with pytest.raises(UnsupportedParallelism, match=r"derivative=jvp needs torch >= 2\.13 \(this is torch 2\.11\.0"):
+        check_fsdp_config(jvp, cuda)
+    check_fsdp_config(dual, cuda)
+    monkeypatch.setattr(fsdp.torch, "__version__", "2.13.0+cpu")
+    check_fsdp_config(jvp, cpu)
 
     from fastflow.train.parallelize import check_compile_config
 
