@@ -671,6 +671,26 @@ def section_kernels_micro(ctx: Ctx) -> None:
             print(f"  {name}: error {ctx.results[f'{name}_error']['error'][:300]}")
             ctx.save()
             _free_memory()
+    _record_device_kernels(ctx)
+
+
+def _record_device_kernels(ctx: Ctx) -> None:
+    """Registers / spills / shared memory of every Triton kernel this section loaded, as the driver
+    reports them: the device's answer to bench/kernel_resources.py's compile-only prediction."""
+    if ctx.device.type != "cuda":
+        return
+    try:
+        from bench.kernel_resources import device_kernel_records
+        from kernels import attention, gn_film_silu
+
+        records = device_kernel_records([attention, gn_film_silu])
+        ctx.results["device_kernels"] = {"status": "ok", "records": records}
+        spilling = sorted({r["kernel"] for r in records if r.get("spills")})
+        print(f"  device kernels: {len(records)} loaded, max {max((r['registers'] or 0 for r in records), default=0)} "
+              f"registers, spilling: {', '.join(spilling) or 'none'}")
+    except Exception as exc:  # noqa: BLE001 - a record, never a reason to lose the section
+        ctx.results["device_kernels"] = {"status": "error", **_error(exc)}
+    ctx.save()
 
 
 # --------------------------------------------------------------------------------- kernel tests
@@ -1049,6 +1069,14 @@ def render_summary(profile: Profile, device: Dict[str, Any], data: Dict[str, Dic
                 speed = "" if label.startswith("fused") else f" [{_ratio(med, base)}]"
                 parts.append(f"{label} {_fmt_ms(med)}{extra}{speed}")
             lines.append(f"  {name}: " + " | ".join(parts))
+        device_kernels = micro.get("device_kernels", {})
+        if device_kernels.get("status") == "ok":
+            recs = device_kernels["records"]
+            spilling = [f"{r['kernel']}({r.get('spills')})" for r in recs if r.get("spills")]
+            lines.append(f"  device kernels: {len(recs)} loaded, max {max((r['registers'] or 0 for r in recs), default=0)} "
+                         f"registers; spilling (bytes): {', '.join(spilling) or 'none'}")
+        elif device_kernels:
+            lines.append(f"  device kernels: {device_kernels.get('status')} {str(device_kernels.get('error', ''))[:200]}")
     lines.append("=" * 100)
     return "\n".join(lines)
 
