@@ -547,16 +547,39 @@ def _attention_dual_bwd_dq_kernel(
 # ----------------------------------------------------------------------------------------------
 # Host launchers
 # ----------------------------------------------------------------------------------------------
+# GPU launch configs (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and input class:
+# 16-bit inputs or float32 (TF32 / 3xTF32 dots), head dim <= 64 ("narrow") or up to 128 ("wide").
+# Chosen on sm_90 by bench/kernel_resources.py (compile-only, Triton 3.6 = the lent H200's, and
+# checked on 3.8) from FA-2's shapes (128x64 forward tiles, 32x128 key tiles for dK/dV): the FA-2
+# shape where it compiles without register spills, else the same tile with 8 warps (half the
+# registers per thread), else a smaller tile. Not yet tuned by timing on a GPU.
+_GPU_CONFIGS: Dict[str, Dict[Tuple[str, str], Tuple[int, int, int, int]]] = {
+    "fwd": {("16", "narrow"): (128, 64, 4, 3), ("16", "wide"): (128, 32, 8, 2),
+            ("32", "narrow"): (128, 32, 8, 2), ("32", "wide"): (128, 32, 8, 2)},
+    "bwd_dkdv": {("16", "narrow"): (32, 128, 8, 3), ("16", "wide"): (32, 64, 4, 2),
+                 ("32", "narrow"): (32, 64, 4, 2), ("32", "wide"): (32, 64, 8, 2)},
+    "bwd_dq": {("16", "narrow"): (128, 32, 4, 3), ("16", "wide"): (64, 32, 4, 2),
+               ("32", "narrow"): (64, 32, 4, 2), ("32", "wide"): (64, 32, 4, 2)},
+    "dual": {("16", "narrow"): (64, 64, 4, 3), ("16", "wide"): (64, 32, 4, 2),
+             ("32", "narrow"): (64, 32, 4, 2), ("32", "wide"): (32, 32, 8, 2)},
+    "dual_bwd_dkdv": {("16", "narrow"): (32, 64, 8, 2), ("16", "wide"): (32, 32, 8, 1),
+                      ("32", "narrow"): (32, 16, 4, 1), ("32", "wide"): (32, 32, 8, 1)},
+    "dual_bwd_dq": {("16", "narrow"): (64, 32, 4, 2), ("16", "wide"): (32, 32, 4, 1),
+                    ("32", "narrow"): (16, 32, 4, 1), ("32", "wide"): (32, 32, 8, 1)},
+    "bwd_preprocess": {(bits, width): (64, 16, 4, 1) for bits in ("16", "32") for width in ("narrow", "wide")},
+}
+
+
 def _attention_config(kernel: str, head_dim: int, head_dim_v: int, dtype: torch.dtype,
                       device: torch.device) -> Dict[str, int]:
     """Tile sizes and launch parameters for one kernel ("fwd", "bwd_preprocess", "bwd_dkdv",
     "bwd_dq", "dual", "dual_bwd_dkdv", "dual_bwd_dq") — the one place with block-size heuristics.
 
-    GPU values are first guesses for Hopper (H100/H200, 228 KB shared memory per SM), not tuned
-    yet: FA-2 style 128×64 forward tiles, smaller tiles where a kernel keeps more accumulators
-    (the dual kernels hold 2–4 fp32 accumulators and load tangents too), and smaller tiles again
-    for 4-byte inputs and D = 128. A launch that runs out of shared memory retries with halved
-    tiles (see :func:`_launch`). Under the interpreter 32×32 tiles keep tests multi-tile.
+    On CUDA: :data:`_GPU_CONFIGS`. Known to spill on sm_90 (kernel_resources.py): float32 at head
+    dim 128 under 3xTF32 dots (``float32_matmul_precision="highest"``) in the dual kernels, at
+    every tile size; training runs TF32 (``train_from_config``), where these configs do not spill.
+    A launch that runs out of shared memory retries with halved tiles (see :func:`_launch`).
+    Under the interpreter 32×32 tiles keep tests multi-tile.
     """
     head = max(head_dim, head_dim_v)
     block_d = max(16, triton.next_power_of_2(head_dim))
@@ -564,23 +587,8 @@ def _attention_config(kernel: str, head_dim: int, head_dim_v: int, dtype: torch.
     if device.type != "cuda":
         block_m, block_n, num_warps, num_stages = 32, 32, 4, 1
     else:
-        wide = dtype == torch.float32 or head > 64
-        block_m, block_n, num_warps, num_stages = {
-            ("fwd", False): (128, 64, 4, 3),
-            ("fwd", True): (128, 32, 8, 2),
-            ("bwd_dkdv", False): (32, 128, 4, 3),
-            ("bwd_dkdv", True): (32, 64, 4, 2),
-            ("bwd_dq", False): (128, 32, 4, 3),
-            ("bwd_dq", True): (64, 32, 4, 2),
-            ("dual", False): (64, 64, 4, 3),
-            ("dual", True): (64, 32, 4, 2),
-            ("dual_bwd_dkdv", False): (32, 64, 4, 2),
-            ("dual_bwd_dkdv", True): (32, 32, 4, 1),
-            ("dual_bwd_dq", False): (64, 32, 4, 2),
-            ("dual_bwd_dq", True): (32, 32, 4, 1),
-            ("bwd_preprocess", False): (64, 16, 4, 1),
-            ("bwd_preprocess", True): (64, 16, 4, 1),
-        }[(kernel, wide)]
+        input_class = ("32" if dtype == torch.float32 else "16", "wide" if head > 64 else "narrow")
+        block_m, block_n, num_warps, num_stages = _GPU_CONFIGS[kernel][input_class]
     if kernel in DEBUG_BLOCK_OVERRIDE:
         block_m, block_n = DEBUG_BLOCK_OVERRIDE[kernel]
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
@@ -617,10 +625,18 @@ def _launch(kernel_fn, name: str, tiles_along: str, rows: int, bh: int, args: tu
             _FALLBACK_CONFIGS[key] = dict(config)
 
 
+# How float32 dots run when torch's matmul precision is "highest" (the default): "tf32x3" splits
+# each operand into a TF32 high part and a TF32 residual and sums three tensor-core products
+# (error ~1e-6 relative, vs 6e-8 for true float32 and ~1e-3 for one TF32 product); "ieee" is true
+# float32 on the FMA units, which needs the whole operand tiles in registers: at the UNet's head
+# dims it spills tens of KiB per thread on sm_90 (bench/kernel_resources.py), so it is not the default.
+FP32_HIGHEST_DOT = os.environ.get("FASTFLOW_FP32_DOT", "tf32x3")
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
-    """Exact float32 dots unless torch itself is allowed TF32 (irrelevant for 16-bit inputs)."""
+    """float32: FP32_HIGHEST_DOT unless torch itself allows TF32; irrelevant for 16-bit inputs."""
     if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        return "ieee"
+        return FP32_HIGHEST_DOT
     return "tf32"
 
 
