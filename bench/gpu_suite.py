@@ -260,11 +260,17 @@ def section_env(ctx: Ctx) -> None:
 
         ctx.results["ops_backends"] = ops.available_backends()
         ctx.results["fused_backend"] = ops.fused_backend_for(ctx.device)
+        if ctx.results["ops_backends"].get("triton"):
+            from kernels import attention
+
+            # float32 attention dots at matmul precision "highest" (the kernel tests run there)
+            ctx.results["fp32_highest_dot"] = attention.FP32_HIGHEST_DOT
     except Exception as exc:  # noqa: BLE001 - report, don't fail the suite
         ctx.results["ops_backends"] = _error(exc)
     for key in ("device_name", "torch", "triton", "cuda", "cudnn", "python"):
         print(f"  {key}: {info.get(key)}")
-    print(f"  fused backend: {ctx.results.get('fused_backend')}  ({ctx.results.get('ops_backends')})")
+    print(f"  fused backend: {ctx.results.get('fused_backend')}  ({ctx.results.get('ops_backends')}); "
+          f"fp32 'highest' attention dots: {ctx.results.get('fp32_highest_dot', '-')}")
     if "nvidia_smi" in ctx.results:
         print("  " + ctx.results["nvidia_smi"].replace("\n", "\n  "))
 
