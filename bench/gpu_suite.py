@@ -691,12 +691,16 @@ def _record_device_kernels(ctx: Ctx) -> None:
 
         records = device_kernel_records([attention, gn_film_silu])
         ctx.results["device_kernels"] = {"status": "ok", "records": records}
-        spilling = sorted({r["kernel"] for r in records if r.get("spills")})
-        print(f"  device kernels: {len(records)} loaded, max {max((r['registers'] or 0 for r in records), default=0)} "
-              f"registers, spilling: {', '.join(spilling) or 'none'}")
+        print("  " + _device_kernels_line(records))
     except Exception as exc:  # noqa: BLE001 - a record, never a reason to lose the section
         ctx.results["device_kernels"] = {"status": "error", **_error(exc)}
     ctx.save()
+
+
+def _device_kernels_line(records: List[Dict[str, Any]]) -> str:
+    spilling = [f"{r['kernel']}({r.get('spills')})" for r in records if r.get("spills")]
+    return (f"device kernels: {len(records)} loaded, max {max((r['registers'] or 0 for r in records), default=0)} "
+            f"registers; spilling (local bytes): {', '.join(spilling) or 'none'}")
 
 
 # --------------------------------------------------------------------------------- kernel tests
@@ -1077,10 +1081,7 @@ def render_summary(profile: Profile, device: Dict[str, Any], data: Dict[str, Dic
             lines.append(f"  {name}: " + " | ".join(parts))
         device_kernels = micro.get("device_kernels", {})
         if device_kernels.get("status") == "ok":
-            recs = device_kernels["records"]
-            spilling = [f"{r['kernel']}({r.get('spills')})" for r in recs if r.get("spills")]
-            lines.append(f"  device kernels: {len(recs)} loaded, max {max((r['registers'] or 0 for r in recs), default=0)} "
-                         f"registers; spilling (bytes): {', '.join(spilling) or 'none'}")
+            lines.append("  " + _device_kernels_line(device_kernels["records"]))
         elif device_kernels:
             lines.append(f"  device kernels: {device_kernels.get('status')} {str(device_kernels.get('error', ''))[:200]}")
     lines.append("=" * 100)

@@ -179,8 +179,7 @@ class CompileOnlyLaunches:
         )
         start = time.perf_counter()
         try:
-            src = fn.ASTSource(fn, signature, constexprs, attrs) if hasattr(fn, "ASTSource") else \
-                triton.compiler.ASTSource(fn, signature, constexprs, attrs)
+            src = triton.compiler.ASTSource(fn, signature, constexprs, attrs)
             # Triton's own ptxas -v log (printed with dump_ptxas_log); the private cache directory
             # makes every kernel compile here, so every kernel has its log.
             log = io.StringIO()
@@ -250,6 +249,11 @@ def run_training_launches(recorder: CompileOnlyLaunches, cases: List[str], preci
                 step.forward_backward()
 
 
+def _attention_stand_ins(dtype: torch.dtype, head_dim: int, seqlen: int) -> List[torch.Tensor]:
+    """q, k, v, q̇, k̇, v̇ of shape (1, 1, seqlen, head_dim): only their dtype and shape reach the compile."""
+    return [torch.zeros(1, 1, seqlen, head_dim, dtype=dtype, requires_grad=True) for _ in range(6)]
+
+
 def run_attention_launches(recorder: CompileOnlyLaunches, head_dims: List[int], dtypes: List[torch.dtype],
                            seqlen: int = 256) -> None:
     """Plain and dual attention forward+backward for each head dim and dtype (shapes beyond the UNet's)."""
@@ -258,19 +262,13 @@ def run_attention_launches(recorder: CompileOnlyLaunches, head_dims: List[int], 
     for dtype in dtypes:
         for head_dim in head_dims:
             recorder.label = f"attention-d{head_dim}-{str(dtype).replace('torch.', '')}"
-            q, k, v, qd, kd, vd = (torch.zeros(1, 1, seqlen, head_dim, dtype=dtype, requires_grad=True)
-                                   for _ in range(6))
+            q, k, v, qd, kd, vd = _attention_stand_ins(dtype, head_dim, seqlen)
             with recorder.installed():
                 attn.attention_triton(q, k, v).sum().backward()
                 o, o_dot = attn.attention_dual_triton(q, qd, k, kd, v, vd)
                 (o.sum() + o_dot.sum()).backward()
 
 
-# Which public call launches each attention kernel (the sweep runs that call).
-_ATTENTION_KERNEL_CALL = {
-    "fwd": "plain_fwd", "bwd_dkdv": "plain_bwd", "bwd_dq": "plain_bwd",
-    "dual": "dual_fwd", "dual_bwd_dkdv": "dual_bwd", "dual_bwd_dq": "dual_bwd",
-}
 SWEEP_TILES = [(16, 32), (32, 16), (32, 32), (32, 64), (64, 32), (64, 64), (32, 128), (128, 32),
                (64, 128), (128, 64), (128, 128)]
 
@@ -299,29 +297,29 @@ def sweep_attention(recorder: CompileOnlyLaunches, kernels: List[str], head_dims
 
     for dtype in dtypes:
         for head_dim in head_dims:
-            q, k, v, qd, kd, vd = (torch.zeros(1, 1, seqlen, head_dim, dtype=dtype, requires_grad=True)
-                                   for _ in range(6))
+            q, k, v, qd, kd, vd = _attention_stand_ins(dtype, head_dim, seqlen)
             o, o_dot = torch.zeros_like(q), torch.zeros_like(q)
             lse, mu = (torch.zeros(1, 1, seqlen) for _ in range(2))
+            # The launcher that runs each kernel (the other kernels it launches compile once, cached).
+            launch = {
+                "fwd": lambda: attn._attention_fwd_launch(q, k, v),
+                "bwd_dkdv": lambda: attn._attention_bwd_launch(o, q, k, v, o, lse),
+                "dual": lambda: attn._attention_dual_fwd_launch(q, qd, k, kd, v, vd),
+                "dual_bwd_dkdv": lambda: attn._attention_dual_bwd_launch(o, o_dot, q, qd, k, kd, v, vd, o, o_dot,
+                                                                         lse, mu),
+            }
+            launch["bwd_dq"], launch["dual_bwd_dq"] = launch["bwd_dkdv"], launch["dual_bwd_dkdv"]
+            d = max(16, triton.next_power_of_2(head_dim))
             for name in kernels:
+                recorder.label = f"sweep-{name}-d{head_dim}-{str(dtype).replace('torch.', '')}"
                 for (block_m, block_n), num_warps, num_stages in itertools.product(tiles, warps, stages):
-                    d = max(16, triton.next_power_of_2(head_dim))
                     words = live_tile_elements(name, block_m, block_n, d, d, dtype.itemsize) / (32 * num_warps)
                     if words > 2 * LIMITS[recorder.arch]["max_regs_per_thread"]:
                         continue  # > 2x the register file per thread: spills by construction
-                    recorder.label = f"sweep-{name}-d{head_dim}-{str(dtype).replace('torch.', '')}"
                     recorder.attention_override = {name: dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
                                                               num_stages=num_stages)}
                     with recorder.installed(), torch.no_grad():
-                        call = _ATTENTION_KERNEL_CALL[name]
-                        if call == "plain_fwd":
-                            attn._attention_fwd_launch(q, k, v)
-                        elif call == "plain_bwd":
-                            attn._attention_bwd_launch(o, q, k, v, o, lse)
-                        elif call == "dual_fwd":
-                            attn._attention_dual_fwd_launch(q, qd, k, kd, v, vd)
-                        else:
-                            attn._attention_dual_bwd_launch(o, o_dot, q, qd, k, kd, v, vd, o, o_dot, lse, mu)
+                        launch[name]()
             recorder.attention_override = {}
 
 
@@ -425,7 +423,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                              "is what training launches (train_from_config allows TF32 on CUDA); 'highest' "
                              "gives kernels.attention.FP32_HIGHEST_DOT (3xTF32 by default: tests, direct calls)")
     parser.add_argument("--sweep", default="", help="attention kernels to sweep over tile configs "
-                        f"({', '.join(_ATTENTION_KERNEL_CALL)}), at --head-dims and --attention-dtypes")
+                        "(fwd, bwd_dkdv, bwd_dq, dual, dual_bwd_dkdv, dual_bwd_dq), at --head-dims and --attention-dtypes")
     parser.add_argument("--sweep-warps", default="4,8")
     parser.add_argument("--sweep-stages", default="1,2")
     parser.add_argument("--sweep-tiles", default="", help="BLOCK_MxBLOCK_N list, e.g. 32x32,64x32 (default: SWEEP_TILES)")
