@@ -15,11 +15,13 @@ out-of-memory in one loses nothing else), under one deadline for the whole suite
   (base 128, 64×64, batch 128, bf16 autocast): flow_matching, flow_map_matching per ∂_t v backend
   (dual, finite_difference, jvp), the course baseline (``bench/course_baseline.py``: per-sample
   vmap(jvp)), then the fused-op variants, then FM and FMM-dual with channels_last weights and
-  batch (``_cl``: the layout question, by measurement). img/s, MFU (datasheet and measured
-  peak), peak memory.
+  batch, reference and fused ops (``_cl``: the layout question, by measurement; the fused
+  GroupNorm kernels run channels_last in place). img/s, MFU (datasheet and measured peak), peak
+  memory.
 - ``kernel_tests``: ``pytest tests/test_kernels_*.py -x -q`` on the GPU (``TRITON_INTERPRET=0``),
   including the fused-vs-reference loss-curve test on CUDA.
-- ``kernels_micro``: gn_film_silu fwd and fwd+bwd (bytes/s against the copy bandwidth) and
+- ``kernels_micro``: gn_film_silu fwd and fwd+bwd (bytes/s against the copy bandwidth; NCHW, and
+  channels_last fused vs compiled reference) and
   attention fwd / fwd+bwd at seq 64 and 256: fused kernel vs torch.compile(reference) vs eager vs
   SDPA; attention dual (primal + tangent, and backward through both) vs ``torch.func.jvp``
   through SDPA's math backend.
@@ -92,8 +94,10 @@ _FULL_TRAIN = [
     ("flow_matching", "reference"), ("fmm_dual", "reference"), ("fmm_finite_difference", "reference"),
     ("fmm_jvp", "reference"), ("course_fmm", "reference"),
     ("flow_matching", "fused"), ("fmm_dual", "fused"), ("fmm_finite_difference", "fused"), ("fmm_jvp", "fused"),
-    # memory layout, decided by measurement (issue: kernels): channels_last weights and batch
+    # memory layout, decided by measurement (issue: kernels): channels_last weights and batch,
+    # with the fused GroupNorm kernels running channels_last in place
     ("flow_matching", "reference_cl"), ("fmm_dual", "reference_cl"),
+    ("flow_matching", "fused_cl"), ("fmm_dual", "fused_cl"),
 ]
 PROFILES: Dict[str, Profile] = {
     "full": Profile(
@@ -124,7 +128,8 @@ PROFILES: Dict[str, Profile] = {
         train_warmup=1, train_reps=2, train_max_s=3.0,
         train_eager=[("flow_matching", "reference"), ("fmm_dual", "reference"),
                      ("fmm_finite_difference", "reference"), ("fmm_jvp", "reference"),
-                     ("course_fmm", "reference"), ("fmm_dual", "fused"), ("flow_matching", "reference_cl")],
+                     ("course_fmm", "reference"), ("fmm_dual", "fused"), ("flow_matching", "reference_cl"),
+                     ("fmm_dual", "fused_cl")],
         precompile=["flow_matching"], micro_reps=3, gn_shapes=[(4, 32, 16, 16)], gn_groups=8,
         attn_shapes=[(4, 2, 64, 16)], micro_compile=False, copy_bytes=64 << 20, matmul_sizes=[512],
         kernel_test_workers=0, precompile_memory_fraction=0.0,
@@ -479,8 +484,12 @@ def _compiled(ctx: Ctx, fn: Callable) -> Optional[Callable]:
     return torch.compile(fn, dynamic=False) if ctx.profile.micro_compile else None
 
 
-def _gn_micro(ctx: Ctx, shape: Tuple[int, int, int, int]) -> None:
-    """gn_film_silu fwd and fwd+bwd: fused vs torch.compile(reference) vs eager; bytes/s."""
+def _gn_micro(ctx: Ctx, shape: Tuple[int, int, int, int], channels_last: bool = False) -> None:
+    """gn_film_silu fwd and fwd+bwd: fused vs torch.compile(reference) vs eager; bytes/s.
+
+    ``channels_last``: x and dy in channels_last, which the fused kernels run in place (tag
+    ``-cl``; fused and compiled reference only), for the layout decision next to the NCHW rows.
+    """
     import torch
     import torch.nn.functional as F
 
@@ -490,11 +499,13 @@ def _gn_micro(ctx: Ctx, shape: Tuple[int, int, int, int]) -> None:
     dtype = torch.bfloat16 if ctx.device.type == "cuda" else torch.float32
     groups = ctx.profile.gn_groups
     n, c, h, w = shape
-    tag = "x".join(map(str, shape))
+    tag = "x".join(map(str, shape)) + ("-cl" if channels_last else "")
     gen = torch.Generator(device=ctx.device).manual_seed(0)
     mk = lambda *s: torch.randn(*s, device=ctx.device, dtype=dtype, generator=gen)  # noqa: E731
     x, weight, bias, scale, shift = mk(*shape), mk(c), mk(c), 0.1 * mk(n, c), 0.1 * mk(n, c)
     dy = mk(*shape)
+    if channels_last:
+        x, dy = (t.contiguous(memory_format=torch.channels_last) for t in (x, dy))
     inputs = [t.requires_grad_() for t in (x, weight, bias, scale, shift)]
 
     def native(x, weight, bias, scale, shift):
@@ -509,6 +520,8 @@ def _gn_micro(ctx: Ctx, shape: Tuple[int, int, int, int]) -> None:
 
     impls = {"fused": fused, "compiled_reference": _compiled(ctx, reference), "eager_native": native,
              "eager_reference": reference}
+    if channels_last:
+        impls = {k: impls[k] for k in ("fused", "compiled_reference")}
     elem = x.element_size() * x.numel()
     for pass_ in ("fwd", "fwd_bwd"):
         for label, impl in impls.items():
@@ -665,6 +678,8 @@ def section_kernels_micro(ctx: Ctx) -> None:
         parts.append(("attention", lambda shape=shape: _attention_micro(ctx, shape)))
     for i, shape in enumerate(reversed(p.attn_shapes)):  # the longest sequence first
         parts.append(("attention_dual", lambda shape=shape, i=i: _attention_dual_micro(ctx, shape, i == 0)))
+    if p.gn_shapes:
+        parts.append(("gn_film_silu", lambda: _gn_micro(ctx, p.gn_shapes[0], channels_last=True)))
     for shape in p.gn_shapes[1:]:
         parts.append(("gn_film_silu", lambda shape=shape: _gn_micro(ctx, shape)))
     for name, part in parts:

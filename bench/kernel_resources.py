@@ -42,7 +42,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterable, Iterator, List, Optional
 
 if __name__ == "__main__":
     # A real compile, not the interpreter: must be decided before triton is imported.
@@ -69,6 +69,7 @@ CASES = {
     "fmm_dual": ("flow_map_matching", "dual"),
     "fmm_jvp": ("flow_map_matching", "jvp"),
 }
+LAYOUTS = {"nchw": "", "channels_last": "-cl"}  # layout → case-label suffix
 
 
 def _tool(name: str) -> Optional[str]:
@@ -234,19 +235,27 @@ class CompileOnlyLaunches:
 
 
 def run_training_launches(recorder: CompileOnlyLaunches, cases: List[str], precisions: List[str],
-                          batch_size: int = 2, size: str = "default") -> None:
-    """One forward+backward of each training case at the real config, launches compiled-only."""
+                          batch_size: int = 2, size: str = "default", layouts: Iterable[str] = ("nchw",)) -> None:
+    """One forward+backward of each training case at the real config, launches compiled-only.
+
+    ``layouts``: ``nchw`` and/or ``channels_last`` (infrastructure.channels_last: weights and batch
+    channels_last, which the GroupNorm kernels run in place, so they compile to their own variants).
+    """
     from bench.utils import TrainStep, bench_config
 
     os.environ["FASTFLOW_OPS_BACKEND"] = "triton"
-    for precision in precisions:
-        for case in cases:
-            method, derivative = CASES[case]
-            config = bench_config(method, size, derivative, fused=True, batch_size=batch_size)
-            step = TrainStep(config, torch.device("cpu"), autocast=precision == "bf16", ema=False)
-            recorder.label = f"{case}-{precision}"
-            with recorder.installed():
-                step.forward_backward()
+    for layout in layouts:
+        if layout not in LAYOUTS:
+            raise ValueError(f"--layouts: unknown layout {layout!r} (known: {', '.join(LAYOUTS)})")
+        for precision in precisions:
+            for case in cases:
+                method, derivative = CASES[case]
+                config = bench_config(method, size, derivative, fused=True, batch_size=batch_size)
+                config.infrastructure.channels_last = layout == "channels_last"
+                step = TrainStep(config, torch.device("cpu"), autocast=precision == "bf16", ema=False)
+                recorder.label = f"{case}-{precision}" + LAYOUTS[layout]
+                with recorder.installed():
+                    step.forward_backward()
 
 
 def _attention_stand_ins(dtype: torch.dtype, head_dim: int, seqlen: int) -> List[torch.Tensor]:
@@ -415,6 +424,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--arch", type=int, default=90, choices=sorted(LIMITS))
     parser.add_argument("--cases", default="fm,fmm_dual,fmm_jvp", help=f"training cases ({', '.join(CASES)}; '' for none)")
     parser.add_argument("--precision", default="bf16,fp32", help="bf16 (autocast, the shipped configs) and/or fp32")
+    parser.add_argument("--layouts", default="nchw,channels_last",
+                        help="memory layouts of the training cases (nchw, channels_last)")
     parser.add_argument("--size", default="default", help="bench size of the training cases (bench.utils.BENCH_SIZES)")
     parser.add_argument("--head-dims", default="", help="also attention alone at these head dims, e.g. 32,64,128")
     parser.add_argument("--attention-dtypes", default="bf16,fp16,fp32")
@@ -442,7 +453,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     cases = [c for c in args.cases.split(",") if c]
     precisions = [p for p in args.precision.split(",") if p]
     if cases:
-        run_training_launches(recorder, cases, precisions, size=args.size)
+        run_training_launches(recorder, cases, precisions, size=args.size,
+                              layouts=[layout for layout in args.layouts.split(",") if layout])
     dtypes = [{"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[d]
               for d in args.attention_dtypes.split(",") if d]
     head_dims = [int(d) for d in args.head_dims.split(",") if d]

@@ -433,6 +433,17 @@ at::Tensor to_dtype(const at::Tensor& t, at::ScalarType dtype) {
   return t.scalar_type() == dtype ? t : t.to(dtype);
 }
 
+// The kernels compute NCHW-contiguous; a 4-D channels_last x gets its outputs back in channels_last
+// (as ATen's own ops do), so a channels_last UNet keeps one layout through the fused norms. The
+// fake kernels in fastflow/ops/cpu.py give the same strides.
+bool is_channels_last(const at::Tensor& x) {
+  return x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+at::Tensor in_layout_of(const at::Tensor& out, const at::Tensor& x) {
+  return is_channels_last(x) ? out.contiguous(at::MemoryFormat::ChannelsLast) : out;
+}
+
 // weight/bias: (C,) → contiguous compute dtype, or a constant when None.
 at::Tensor channel_param(const std::optional<at::Tensor>& p, const Shape& s, at::ScalarType ct,
                          double fill, const char* name) {
@@ -493,7 +504,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_film_silu_fwd(
       });
     });
   }
-  return {to_dtype(y, x_in.scalar_type()), mean, rstd};
+  return {in_layout_of(to_dtype(y, x_in.scalar_type()), x_in), mean, rstd};
 }
 
 // Returns (dx, dweight (C,), dbias (C,), dscale (N, C), dshift (N, C)); the caller drops the
@@ -539,7 +550,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gn_film_s
       });
     });
   }
-  return {to_dtype(dx, x_in.scalar_type()), dweight_n.sum(0), dbias_n.sum(0), dscale, dshift};
+  return {in_layout_of(to_dtype(dx, x_in.scalar_type()), x_in), dweight_n.sum(0), dbias_n.sum(0), dscale, dshift};
 }
 
 // Returns (y, ẏ, stats (N, G, 4) = (μ, r, mean(ẋ), mean(n̂·ẋ))).
@@ -586,7 +597,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_film_silu_dual_fwd(
     });
   }
   const auto dt = x_in.scalar_type();
-  return {to_dtype(y, dt), to_dtype(yd, dt), stats};
+  return {in_layout_of(to_dtype(y, dt), x_in), in_layout_of(to_dtype(yd, dt), x_in), stats};
 }
 
 // Returns (dx, dẋ, dweight (C,), dbias (C,), dscale, dscale_dot, dshift, dshift_dot (N, C)).
@@ -647,7 +658,8 @@ gn_film_silu_dual_bwd(const std::optional<at::Tensor>& grad_y, const std::option
     });
   }
   const auto dtype = x_in.scalar_type();
-  return {to_dtype(dx, dtype), to_dtype(dxd, dtype), dw_n.sum(0), db_n.sum(0), ds, dsd, dt, dtd};
+  return {in_layout_of(to_dtype(dx, dtype), x_in), in_layout_of(to_dtype(dxd, dtype), x_in), dw_n.sum(0), db_n.sum(0),
+          ds, dsd, dt, dtd};
 }
 
 }  // namespace

@@ -24,6 +24,16 @@ absent). Only O(N·C) work runs in PyTorch: the sum over N of the per-sample dwe
 op w.r.t. weight or bias (``torch.func.jvp`` with parameter tangents, which fastflow's models do not
 use) adds silu'(z)·(n̂·γ̇ + β̇)·(1 + s) in PyTorch from the saved statistics.
 
+Memory layout
+-------------
+x may be NCHW-contiguous or (4-D) channels_last: the kernels address element (n, c, hw) as
+``n·C·HW + c·Stride_c + hw·Stride_hw`` and run either layout in place, and every output of x's
+shape (y, ẏ, dx, dẋ) is allocated in x's layout; ẋ and upstream grads in another layout are
+converted to x's. Other strides are copied to NCHW first. The fake kernels give the same strides
+(torch.compile plans the code after an operator from them). The channels_last tile spans a
+group's channels first (the only contiguous run at each position); whether that layout wins on a
+GPU is measured by the GPU suite (``_cl`` rows), not assumed.
+
 Autograd and compilation
 ------------------------
 The launchers sit behind four ``torch.library.custom_op`` operators in the ``fastflow_triton``
@@ -131,11 +141,17 @@ def _group_moments(
     group_start,
     CPG,
     HW,
+    Stride_c,
+    Stride_hw,
     HAS_X_DOT: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_HW: tl.constexpr,
 ):
-    """(mean(x), var(x), mean(ẋ), cov(x, ẋ)) over one contiguous (CPG, HW) group, float32.
+    """(mean(x), var(x), mean(ẋ), cov(x, ẋ)) over one (CPG, HW) group, float32.
+
+    Element (c, hw) of the group is at ``group_start + c·Stride_c + hw·Stride_hw``: (HW, 1) for
+    NCHW, (1, C) for channels_last; Triton specialises the stride that is 1, so each layout compiles
+    to its own kernel with the contiguous axis known.
 
     One read of the data: every lane of the (BLOCK_C, BLOCK_HW) tile runs Welford's update (and its
     co-moment form for ẋ), then the lanes are merged with Chan et al.'s pairwise formula
@@ -153,7 +169,7 @@ def _group_moments(
         for hw0 in range(0, HW, BLOCK_HW):
             positions = hw0 + hw_range
             mask = (channels < CPG)[:, None] & (positions < HW)[None, :]
-            offsets = group_start + channels[:, None] * HW + positions[None, :]
+            offsets = group_start + channels[:, None] * Stride_c + positions[None, :] * Stride_hw
             x = tl.load(X_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
             count += tl.where(mask, 1.0, 0.0)
             inv_count = tl.where(mask, 1.0 / tl.maximum(count, 1.0), 0.0)
@@ -204,6 +220,8 @@ def _gn_film_silu_fwd_kernel(
     HW,
     G,
     CPG,
+    Stride_c,
+    Stride_hw,
     Scale_stride_n,
     Shift_stride_n,
     eps,
@@ -223,8 +241,10 @@ def _gn_film_silu_fwd_kernel(
     pid = tl.program_id(0)
     n = pid // G
     g = pid % G
-    group_start = pid.to(tl.int64) * CPG * HW
-    mean, var, unused_xd_mean, unused_cov = _group_moments(X_ptr, X_ptr, group_start, CPG, HW, False, BLOCK_C, BLOCK_HW)
+    group_start = n.to(tl.int64) * C * HW + g * CPG * Stride_c
+    mean, var, unused_xd_mean, unused_cov = _group_moments(
+        X_ptr, X_ptr, group_start, CPG, HW, Stride_c, Stride_hw, False, BLOCK_C, BLOCK_HW
+    )
     rstd = 1.0 / tl.sqrt(var + eps)
     tl.store(Mean_ptr + pid, mean)
     tl.store(Rstd_ptr + pid, rstd)
@@ -244,7 +264,7 @@ def _gn_film_silu_fwd_kernel(
         for hw0 in range(0, HW, BLOCK_HW):
             positions = hw0 + hw_range
             mask = c_mask[:, None] & (positions < HW)[None, :]
-            offsets = group_start + channels[:, None] * HW + positions[None, :]
+            offsets = group_start + channels[:, None] * Stride_c + positions[None, :] * Stride_hw
             x = tl.load(X_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
             z = (x - mean) * rstd * coef_a + coef_b
             if SILU:
@@ -271,6 +291,8 @@ def _gn_film_silu_bwd_kernel(
     HW,
     G,
     CPG,
+    Stride_c,
+    Stride_hw,
     Scale_stride_n,
     Shift_stride_n,
     HAS_WEIGHT: tl.constexpr,
@@ -292,7 +314,7 @@ def _gn_film_silu_bwd_kernel(
     pid = tl.program_id(0)
     n = pid // G
     g = pid % G
-    group_start = pid.to(tl.int64) * CPG * HW
+    group_start = n.to(tl.int64) * C * HW + g * CPG * Stride_c
     mean = tl.load(Mean_ptr + pid)
     rstd = tl.load(Rstd_ptr + pid)
     c_range = tl.arange(0, BLOCK_C)
@@ -315,7 +337,7 @@ def _gn_film_silu_bwd_kernel(
         for hw0 in range(0, HW, BLOCK_HW):
             positions = hw0 + hw_range
             mask = c_mask[:, None] & (positions < HW)[None, :]
-            offsets = group_start + channels[:, None] * HW + positions[None, :]
+            offsets = group_start + channels[:, None] * Stride_c + positions[None, :] * Stride_hw
             x = tl.load(X_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
             gz = tl.load(DY_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
             normed = (x - mean) * rstd
@@ -350,7 +372,7 @@ def _gn_film_silu_bwd_kernel(
         for hw0 in range(0, HW, BLOCK_HW):
             positions = hw0 + hw_range
             mask = c_mask[:, None] & (positions < HW)[None, :]
-            offsets = group_start + channels[:, None] * HW + positions[None, :]
+            offsets = group_start + channels[:, None] * Stride_c + positions[None, :] * Stride_hw
             x = tl.load(X_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
             gz = tl.load(DY_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
             normed = (x - mean) * rstd
@@ -381,6 +403,8 @@ def _gn_film_silu_dual_kernel(
     HW,
     G,
     CPG,
+    Stride_c,
+    Stride_hw,
     Scale_stride_n,
     ScaleDot_stride_n,
     Shift_stride_n,
@@ -406,8 +430,10 @@ def _gn_film_silu_dual_kernel(
     pid = tl.program_id(0)
     n = pid // G
     g = pid % G
-    group_start = pid.to(tl.int64) * CPG * HW
-    mean, var, xd_mean, cov = _group_moments(X_ptr, XDot_ptr, group_start, CPG, HW, HAS_X_DOT, BLOCK_C, BLOCK_HW)
+    group_start = n.to(tl.int64) * C * HW + g * CPG * Stride_c
+    mean, var, xd_mean, cov = _group_moments(
+        X_ptr, XDot_ptr, group_start, CPG, HW, Stride_c, Stride_hw, HAS_X_DOT, BLOCK_C, BLOCK_HW
+    )
     rstd = 1.0 / tl.sqrt(var + eps)
     xd_proj = rstd * cov
     tl.store(Mean_ptr + pid, mean)
@@ -434,7 +460,7 @@ def _gn_film_silu_dual_kernel(
         for hw0 in range(0, HW, BLOCK_HW):
             positions = hw0 + hw_range
             mask = c_mask[:, None] & (positions < HW)[None, :]
-            offsets = group_start + channels[:, None] * HW + positions[None, :]
+            offsets = group_start + channels[:, None] * Stride_c + positions[None, :] * Stride_hw
             x = tl.load(X_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
             normed = (x - mean) * rstd
             z = normed * coef_a + coef_b
@@ -534,6 +560,8 @@ def _gn_film_silu_dual_bwd_kernel(
     HW,
     G,
     CPG,
+    Stride_c,
+    Stride_hw,
     Scale_stride_n,
     ScaleDot_stride_n,
     Shift_stride_n,
@@ -570,7 +598,7 @@ def _gn_film_silu_dual_bwd_kernel(
     pid = tl.program_id(0)
     n = pid // G
     g = pid % G
-    group_start = pid.to(tl.int64) * CPG * HW
+    group_start = n.to(tl.int64) * C * HW + g * CPG * Stride_c
     mean = tl.load(Mean_ptr + pid)
     rstd = tl.load(Rstd_ptr + pid)
     xd_mean = tl.load(XDotMean_ptr + pid)
@@ -601,7 +629,7 @@ def _gn_film_silu_dual_bwd_kernel(
         for hw0 in range(0, HW, BLOCK_HW):
             positions = hw0 + hw_range
             mask = c_mask[:, None] & (positions < HW)[None, :]
-            offsets = group_start + channels[:, None] * HW + positions[None, :]
+            offsets = group_start + channels[:, None] * Stride_c + positions[None, :] * Stride_hw
             normed, xd_centered, gz, gzd = _dual_upstream(
                 X_ptr, XDot_ptr, DY_ptr, DYDot_ptr, offsets, mask, mean, rstd, xd_mean, xd_proj,
                 coef_a[:, None], coef_b[:, None], w[:, None], b[:, None], sd[:, None], td[:, None],
@@ -652,7 +680,7 @@ def _gn_film_silu_dual_bwd_kernel(
         for hw0 in range(0, HW, BLOCK_HW):
             positions = hw0 + hw_range
             mask = c_mask[:, None] & (positions < HW)[None, :]
-            offsets = group_start + channels[:, None] * HW + positions[None, :]
+            offsets = group_start + channels[:, None] * Stride_c + positions[None, :] * Stride_hw
             normed, xd_centered, gz, gzd = _dual_upstream(
                 X_ptr, XDot_ptr, DY_ptr, DYDot_ptr, offsets, mask, mean, rstd, xd_mean, xd_proj,
                 coef_a, coef_b, w[:, None], b[:, None], sd[:, None], td[:, None],
@@ -687,19 +715,52 @@ def set_poison_outputs(enabled: bool) -> bool:
     return previous
 
 
-def _launch_config(channels_per_group: int, hw: int, kind: str) -> Tuple[int, int, int]:
-    """(BLOCK_C, BLOCK_HW, num_warps): a ≤ _TILE_ELEMENTS[kind] tile over one group's (CPG, HW)."""
+def _launch_config(channels_per_group: int, hw: int, kind: str, channels_last: bool = False) -> Tuple[int, int, int]:
+    """(BLOCK_C, BLOCK_HW, num_warps): a ≤ _TILE_ELEMENTS[kind] tile over one group's (CPG, HW).
+
+    The tile spans the contiguous axis first: positions for NCHW, the group's channels for
+    channels_last (where a group's CPG channels are the only contiguous run at each position).
+    """
     tile = _TILE_ELEMENTS[kind]
-    block_hw = min(triton.next_power_of_2(max(hw, 1)), tile)
-    block_c = min(triton.next_power_of_2(max(channels_per_group, 1)), max(1, tile // block_hw))
+    if channels_last:
+        block_c = min(triton.next_power_of_2(max(channels_per_group, 1)), tile)
+        block_hw = min(triton.next_power_of_2(max(hw, 1)), max(1, tile // block_c))
+    else:
+        block_hw = min(triton.next_power_of_2(max(hw, 1)), tile)
+        block_c = min(triton.next_power_of_2(max(channels_per_group, 1)), max(1, tile // block_hw))
     num_warps = max(1, min(8, (block_c * block_hw) // 128))
     return block_c, block_hw, num_warps
 
 
-def _new_output(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
-    if _POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
+def _data_layout(x: Tensor) -> Tuple[torch.memory_format, int, int]:
+    """(memory format, Stride_c, Stride_hw) the kernels run ``x``'s layout in, without a copy.
+
+    NCHW-contiguous x and 4-D channels_last x run as they are (outputs in the same format, so a
+    channels_last UNet stays channels_last through its norms); any other strides are copied to
+    NCHW. A tensor that is both (C = 1 or H·W = 1) counts as NCHW: the addresses are the same.
+    """
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last, 1, x.shape[1]
+    hw = 1
+    for size in x.shape[2:]:
+        hw *= size
+    return torch.contiguous_format, hw, 1
+
+
+def _in_layout(t: Tensor, memory_format: torch.memory_format) -> Tensor:
+    """``t`` in ``memory_format`` (no copy when it already is)."""
+    return t if t.is_contiguous(memory_format=memory_format) else t.contiguous(memory_format=memory_format)
+
+
+def _new_output(shape, dtype: torch.dtype, device: torch.device,
+                memory_format: torch.memory_format = torch.contiguous_format) -> Tensor:
+    out = torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
+    return out.fill_(float("nan")) if _POISON_OUTPUTS else out
+
+
+def _new_like(x: Tensor, memory_format: torch.memory_format, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """An output of x's shape in the layout the kernels run (also the fake kernels' answer)."""
+    return _new_output(x.shape, x.dtype if dtype is None else dtype, x.device, memory_format)
 
 
 def _check_inputs(x: Tensor, groups: int) -> Tuple[int, int, int]:
@@ -742,8 +803,9 @@ def _film_arg(p: Optional[Tensor], n_batch: int, channels: int, like: Tensor) ->
 def _gn_film_silu_fwd(x, weight, bias, scale, shift, groups, eps, silu):
     """Launch the forward kernel: (y, mean, rstd) with mean/rstd (N, G) float32."""
     n_batch, channels, hw = _check_inputs(x, groups)
-    x_c = x.contiguous()
-    y = _new_output(x.shape, x.dtype, x.device)
+    layout, stride_c, stride_hw = _data_layout(x)
+    x_c = _in_layout(x, layout)
+    y = _new_like(x, layout)
     mean = _new_output((n_batch, groups), torch.float32, x.device)
     rstd = _new_output((n_batch, groups), torch.float32, x.device)
     if x.numel() == 0:
@@ -751,11 +813,11 @@ def _gn_film_silu_fwd(x, weight, bias, scale, shift, groups, eps, silu):
     scale_arg, scale_stride = _film_arg(scale, n_batch, channels, x_c)
     shift_arg, shift_stride = _film_arg(shift, n_batch, channels, x_c)
     cpg = channels // groups
-    block_c, block_hw, num_warps = _launch_config(cpg, hw, "fwd")
+    block_c, block_hw, num_warps = _launch_config(cpg, hw, "fwd", stride_c == 1)
     _gn_film_silu_fwd_kernel[(n_batch * groups,)](
         x_c, _channel_arg(weight, channels, x_c), _channel_arg(bias, channels, x_c), scale_arg, shift_arg,
         y, mean, rstd,
-        channels, hw, groups, cpg, scale_stride, shift_stride, float(eps),
+        channels, hw, groups, cpg, stride_c, stride_hw, scale_stride, shift_stride, float(eps),
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, SILU=bool(silu),
         BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=num_warps,
@@ -769,8 +831,9 @@ def _gn_film_silu_bwd(grad_y, x, weight, bias, scale, shift, mean, rstd, groups,
     Parameter grads are float32 and unreduced over a broadcast FiLM batch dim; callers reduce/cast.
     """
     n_batch, channels, hw = _check_inputs(x, groups)
-    x_c = x.contiguous()
-    dx = _new_output(x.shape, x.dtype, x.device)
+    layout, stride_c, stride_hw = _data_layout(x)
+    x_c = _in_layout(x, layout)
+    dx = _new_like(x, layout)
     nc = (n_batch, channels)
     dscale = _new_output(nc, torch.float32, x.device)
     dshift = _new_output(nc, torch.float32, x.device)
@@ -780,12 +843,12 @@ def _gn_film_silu_bwd(grad_y, x, weight, bias, scale, shift, mean, rstd, groups,
         scale_arg, scale_stride = _film_arg(scale, n_batch, channels, x_c)
         shift_arg, shift_stride = _film_arg(shift, n_batch, channels, x_c)
         cpg = channels // groups
-        block_c, block_hw, num_warps = _launch_config(cpg, hw, "bwd")
+        block_c, block_hw, num_warps = _launch_config(cpg, hw, "bwd", stride_c == 1)
         _gn_film_silu_bwd_kernel[(n_batch * groups,)](
             x_c, _channel_arg(weight, channels, x_c), _channel_arg(bias, channels, x_c), scale_arg, shift_arg,
-            grad_y.contiguous(), mean, rstd,
+            _in_layout(grad_y, layout), mean, rstd,
             dx, dscale, dshift, dweight_partial, dbias_partial,
-            channels, hw, groups, cpg, scale_stride, shift_stride,
+            channels, hw, groups, cpg, stride_c, stride_hw, scale_stride, shift_stride,
             HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
             HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, SILU=bool(silu),
             BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=num_warps,
@@ -796,12 +859,13 @@ def _gn_film_silu_bwd(grad_y, x, weight, bias, scale, shift, mean, rstd, groups,
 def _gn_film_silu_dual(x, x_dot, weight, bias, scale, scale_dot, shift, shift_dot, groups, eps, silu):
     """Launch the dual kernel: (y, ẏ, mean, rstd, mean_g(ẋ), k), the last four (N, G) float32."""
     n_batch, channels, hw = _check_inputs(x, groups)
-    x_c = x.contiguous()
+    layout, stride_c, stride_hw = _data_layout(x)
+    x_c = _in_layout(x, layout)
     if x_dot is not None and x_dot.shape != x.shape:
         raise ValueError(f"gn_film_silu_dual: x_dot shape {tuple(x_dot.shape)} != x shape {tuple(x.shape)}")
-    x_dot_c = x_c if x_dot is None else x_dot.contiguous()
-    y = _new_output(x.shape, x.dtype, x.device)
-    y_dot = _new_output(x.shape, x.dtype, x.device)
+    x_dot_c = x_c if x_dot is None else _in_layout(x_dot, layout)
+    y = _new_like(x, layout)
+    y_dot = _new_like(x, layout)
     stats = [_new_output((n_batch, groups), torch.float32, x.device) for _ in range(4)]
     if x.numel() == 0:
         return (y, y_dot, *stats)
@@ -810,18 +874,25 @@ def _gn_film_silu_dual(x, x_dot, weight, bias, scale, scale_dot, shift, shift_do
     shift_arg, shift_stride = _film_arg(shift, n_batch, channels, x_c)
     shift_dot_arg, shift_dot_stride = _film_arg(shift_dot, n_batch, channels, x_c)
     cpg = channels // groups
-    block_c, block_hw, num_warps = _launch_config(cpg, hw, "dual")
+    block_c, block_hw, num_warps = _launch_config(cpg, hw, "dual", stride_c == 1)
     _gn_film_silu_dual_kernel[(n_batch * groups,)](
         x_c, x_dot_c, _channel_arg(weight, channels, x_c), _channel_arg(bias, channels, x_c),
         scale_arg, scale_dot_arg, shift_arg, shift_dot_arg,
         y, y_dot, *stats,
-        channels, hw, groups, cpg, scale_stride, scale_dot_stride, shift_stride, shift_dot_stride, float(eps),
+        channels, hw, groups, cpg, stride_c, stride_hw, scale_stride, scale_dot_stride, shift_stride, shift_dot_stride, float(eps),
         HAS_X_DOT=x_dot is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         HAS_SCALE=scale is not None, HAS_SCALE_DOT=scale_dot is not None,
         HAS_SHIFT=shift is not None, HAS_SHIFT_DOT=shift_dot is not None, SILU=bool(silu),
         BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=num_warps,
     )
     return (y, y_dot, *stats)
+
+
+def _dual_grad_x_dot_output(x: Tensor, x_dot: Optional[Tensor], needs_grad_x_dot: bool) -> Tensor:
+    """dẋ's buffer: x's shape and layout in ẋ's dtype, or an empty placeholder when not needed."""
+    if not needs_grad_x_dot:
+        return _new_output((0,), x.dtype, x.device)
+    return _new_like(x, _data_layout(x)[0], dtype=x.dtype if x_dot is None else x_dot.dtype)
 
 
 def _gn_film_silu_dual_bwd(
@@ -834,10 +905,11 @@ def _gn_film_silu_dual_bwd(
     dẋ is an empty tensor unless ``needs_grad_x_dot``. Parameter grads are float32.
     """
     n_batch, channels, hw = _check_inputs(x, groups)
-    x_c = x.contiguous()
-    x_dot_c = x_c if x_dot is None else x_dot.contiguous()
-    dx = _new_output(x.shape, x.dtype, x.device)
-    dx_dot = _new_output(x.shape if needs_grad_x_dot else (0,), x.dtype if x_dot is None else x_dot.dtype, x.device)
+    layout, stride_c, stride_hw = _data_layout(x)
+    x_c = _in_layout(x, layout)
+    x_dot_c = x_c if x_dot is None else _in_layout(x_dot, layout)
+    dx = _new_like(x, layout)
+    dx_dot = _dual_grad_x_dot_output(x, x_dot, needs_grad_x_dot)
     nc = (n_batch, channels)
     dweight_partial, dbias_partial, dscale, dscale_dot, dshift, dshift_dot = (
         _new_output(nc, torch.float32, x.device) for _ in range(6)
@@ -848,16 +920,16 @@ def _gn_film_silu_dual_bwd(
         shift_arg, shift_stride = _film_arg(shift, n_batch, channels, x_c)
         shift_dot_arg, shift_dot_stride = _film_arg(shift_dot, n_batch, channels, x_c)
         cpg = channels // groups
-        block_c, block_hw, num_warps = _launch_config(cpg, hw, "dual_bwd")
+        block_c, block_hw, num_warps = _launch_config(cpg, hw, "dual_bwd", stride_c == 1)
         _gn_film_silu_dual_bwd_kernel[(n_batch * groups,)](
             x_c, x_dot_c, _channel_arg(weight, channels, x_c), _channel_arg(bias, channels, x_c),
             scale_arg, scale_dot_arg, shift_arg, shift_dot_arg,
-            x_c if grad_y is None else grad_y.contiguous(),
-            x_c if grad_y_dot is None else grad_y_dot.contiguous(),
+            x_c if grad_y is None else _in_layout(grad_y, layout),
+            x_c if grad_y_dot is None else _in_layout(grad_y_dot, layout),
             mean, rstd, x_dot_mean, x_dot_proj,
             dx, dx if not needs_grad_x_dot else dx_dot,
             dweight_partial, dbias_partial, dscale, dscale_dot, dshift, dshift_dot,
-            channels, hw, groups, cpg, scale_stride, scale_dot_stride, shift_stride, shift_dot_stride,
+            channels, hw, groups, cpg, stride_c, stride_hw, scale_stride, scale_dot_stride, shift_stride, shift_dot_stride,
             HAS_X_DOT=x_dot is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
             HAS_SCALE=scale is not None, HAS_SCALE_DOT=scale_dot is not None,
             HAS_SHIFT=shift is not None, HAS_SHIFT_DOT=shift_dot is not None,
@@ -894,7 +966,8 @@ def _fwd_op(
 @_fwd_op.register_fake
 def _(x, weight, bias, scale, shift, groups, eps, silu):
     stats = (x.shape[0], groups)
-    return torch.empty_like(x), x.new_empty(stats, dtype=torch.float32), x.new_empty(stats, dtype=torch.float32)
+    y = _new_like(x, _data_layout(x)[0])
+    return y, x.new_empty(stats, dtype=torch.float32), x.new_empty(stats, dtype=torch.float32)
 
 
 @torch.library.custom_op(f"{_NAMESPACE}::gn_film_silu_bwd", mutates_args=())
@@ -918,7 +991,7 @@ def _(grad_y, x, weight, bias, scale, shift, mean, rstd, groups, silu):
     n_batch, channels = x.shape[0], x.shape[1]
     f32 = torch.float32
     return (
-        torch.empty_like(x),
+        _new_like(x, _data_layout(x)[0]),
         x.new_empty((channels,), dtype=f32),
         x.new_empty((channels,), dtype=f32),
         x.new_empty((n_batch, channels), dtype=f32),
@@ -946,7 +1019,8 @@ def _dual_op(
 @_dual_op.register_fake
 def _(x, x_dot, weight, bias, scale, scale_dot, shift, shift_dot, groups, eps, silu):
     stats = [x.new_empty((x.shape[0], groups), dtype=torch.float32) for _ in range(4)]
-    return (torch.empty_like(x), torch.empty_like(x), *stats)
+    layout = _data_layout(x)[0]
+    return (_new_like(x, layout), _new_like(x, layout), *stats)
 
 
 @torch.library.custom_op(f"{_NAMESPACE}::gn_film_silu_dual_bwd", mutates_args=())
@@ -982,8 +1056,8 @@ def _(grad_y, grad_y_dot, x, x_dot, weight, bias, scale, scale_dot, shift, shift
     f32 = torch.float32
     nc = [x.new_empty((n_batch, channels), dtype=f32) for _ in range(4)]
     return (
-        torch.empty_like(x),
-        torch.empty_like(x_dot) if needs_grad_x_dot else x.new_empty((0,)),
+        _new_like(x, _data_layout(x)[0]),
+        _dual_grad_x_dot_output(x, x_dot, needs_grad_x_dot),
         x.new_empty((channels,), dtype=f32),
         x.new_empty((channels,), dtype=f32),
         *nc,

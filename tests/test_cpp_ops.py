@@ -176,23 +176,54 @@ def test_gn_half(dtype, seed):
     _check_gn_dual(seed, *SMALL, dtype, True, DUAL_NAMES)
 
 
-def test_gn_channels_last_inputs(seed):
-    """x, ẋ and the upstream grads in channels_last: the reference's numbers on contiguous tensors."""
+@pytest.mark.parametrize("which", ["all", "x-only"])
+def test_gn_channels_last_inputs(which, seed):
+    """channels_last x (with ẋ and the upstream grads channels_last too, or NCHW): outputs, ẏ and
+    dx come back channels_last, as ATen ops do, with the reference's numbers on contiguous tensors."""
     shape, groups = (2, 24, 5, 7), 6
     inp = _gn_inputs(seed, shape, torch.float64)
-    cl = {k: (v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v) for k, v in inp.items()}
+    cl = {k: (v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 and (which == "all" or k == "x") else v)
+          for k, v in inp.items()}
     assert not cl["x"].is_contiguous()
+    x_strides = cl["x"].stride()
     y, grads = _gn_plain_run(cpu.gn_film_silu_cpp, cl, groups, True, PLAIN_NAMES)
     y_ref, grads_ref = _gn_plain_run(gn_film_silu_reference, inp, groups, True, PLAIN_NAMES)
+    assert y.stride() == grads[0].stride() == x_strides, (y.stride(), grads[0].stride())
     checks.assert_close(y, y_ref, TOL[torch.float64], "y", seed)
     for name, g, g_ref in zip(PLAIN_NAMES, grads, grads_ref):
         checks.assert_close(g, g_ref, GRAD_TOL[torch.float64], f"d{name}", seed)
     upstream = ("grad_y", "grad_y_dot")
     y, y_dot, grads = _gn_dual_run(cpu.gn_film_silu_dual_cpp, cl, groups, True, DUAL_NAMES, upstream)
     y_ref, y_dot_ref, grads_ref = _gn_dual_run(gn_film_silu_dual_reference, inp, groups, True, DUAL_NAMES, upstream)
+    assert y.stride() == y_dot.stride() == grads[0].stride() == grads[1].stride() == x_strides
     checks.assert_close(y_dot, y_dot_ref, TOL[torch.float64], "y_dot", seed)
     for name, g, g_ref in zip(DUAL_NAMES, grads, grads_ref):
         checks.assert_close(g, g_ref, GRAD_TOL[torch.float64], f"d{name}", seed)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+def test_gn_fake_kernels_match_real_layouts(layout, seed):
+    """The fake (meta) kernels give the C++ outputs' shapes, dtypes and strides (torch.compile
+    plans what follows an operator from its fake's strides)."""
+    ops = torch.ops.fastflow_cpp
+    shape, groups = (2, 8, 3, 5), 2
+    inp = _gn_inputs(seed, shape, torch.float32)
+    if layout == "channels_last":
+        inp = {k: (v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v) for k, v in inp.items()}
+    elif layout == "strided":
+        inp = {k: (torch.cat([v, v], dim=-1)[..., ::2] if v.dim() == 4 else v) for k, v in inp.items()}
+    plain = tuple(inp[n] for n in PLAIN_NAMES)
+    dual = tuple(inp[n] for n in DUAL_NAMES)
+    _, mean, rstd = ops.gn_film_silu_fwd(*plain, groups, EPS, True)
+    stats = ops.gn_film_silu_dual_fwd(*dual, groups, EPS, True)[2]
+    cases = [
+        (ops.gn_film_silu_fwd, plain + (groups, EPS, True)),
+        (ops.gn_film_silu_bwd, (inp["grad_y"],) + plain + (mean, rstd, groups, True)),
+        (ops.gn_film_silu_dual_fwd, dual + (groups, EPS, True)),
+        (ops.gn_film_silu_dual_bwd, (inp["grad_y"], inp["grad_y_dot"]) + dual + (stats, groups, True)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
 
 
 def test_gn_large_offset_group(seed):

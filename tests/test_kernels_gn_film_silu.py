@@ -340,20 +340,73 @@ def test_gpu_shapes(shape, groups, dtype, seed):
     _check_dual(seed, shape, groups, dtype, True, ALL_DUAL, tol_scale=3.0)
 
 
-def test_channels_last_inputs(seed):
-    """x, ẋ and the upstream grads in channels_last (infrastructure.channels_last): same numbers
-    as the reference on the contiguous tensors, for the plain op, the dual op and their grads."""
-    shape, groups = ((2, 24, 5, 7), 6)
+CL = torch.channels_last
+# (shape, groups, which tensors are channels_last): all of them (a channels_last UNet); x alone
+# (tangent and upstream grads NCHW: converted to x's layout); CPG = 12 (masked channel block) and
+# CPG = 16 with H·W = 81 (several position blocks per group in the channels_last tile).
+CL_CASES = [
+    ((2, 24, 5, 7), 6, "all"),
+    ((2, 24, 5, 7), 6, "x-only"),
+    ((1, 384, 5, 7), 32, "all"),
+    ((2, 32, 9, 9), 2, "all"),
+]
+
+
+def _channels_last(inp, which):
+    return {k: (v.contiguous(memory_format=CL) if v.dim() == 4 and (which == "all" or k == "x") else v)
+            for k, v in inp.items()}
+
+
+@pytest.mark.parametrize("shape,groups,which", CL_CASES,
+                         ids=[f"{'x'.join(map(str, s))}-g{g}-{w}" for s, g, w in CL_CASES])
+def test_channels_last_inputs(shape, groups, which, seed):
+    """channels_last x (infrastructure.channels_last): the kernels run that layout in place and
+    return y, ẏ and dx in it (so a channels_last UNet stays channels_last through its norms), with
+    the reference's numbers on the contiguous tensors for the plain op, the dual op and all grads."""
     inp = _make(seed, shape, torch.float32)
-    cl = {k: (v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v) for k, v in inp.items()}
-    assert not cl["x"].is_contiguous()
+    cl = _channels_last(inp, which)
+    assert not cl["x"].is_contiguous() and cl["x"].is_contiguous(memory_format=CL)
+    x_strides = cl["x"].stride()
     y, grads = _plain_run(gn.gn_film_silu_triton, cl, groups, True, PLAIN_NAMES)
     y_ref, grads_ref = _plain_run(gn_film_silu_reference, inp, groups, True, PLAIN_NAMES)
+    assert y.stride() == x_strides and grads[0].stride() == x_strides, (y.stride(), grads[0].stride())
     checks.assert_close(y, y_ref, TOL[torch.float32], "y", seed)
     for name, g, g_ref in zip(PLAIN_NAMES, grads, grads_ref):
         checks.assert_close(g, g_ref, GRAD_TOL[torch.float32], f"d{name}", seed)
     y, y_dot, grads = _dual_run(gn.gn_film_silu_dual_triton, cl, groups, True, DUAL_NAMES)
     y_ref, y_dot_ref, grads_ref = _dual_run(gn_film_silu_dual_reference, inp, groups, True, DUAL_NAMES)
+    assert y.stride() == y_dot.stride() == grads[0].stride() == x_strides
+    checks.assert_close(y, y_ref, TOL[torch.float32], "y", seed)
     checks.assert_close(y_dot, y_dot_ref, TOL[torch.float32], "y_dot", seed)
     for name, g, g_ref in zip(DUAL_NAMES, grads, grads_ref):
         checks.assert_close(g, g_ref, GRAD_TOL[torch.float32], f"d{name}", seed)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "mixed", "strided"])
+def test_fake_kernels_match_real_layouts(layout, seed):
+    """Every operator's fake (meta) kernel gives the real outputs' shapes, dtypes and strides —
+    torch.compile plans the code after an operator from the fake's strides, so a fake that says
+    channels_last while the kernel writes NCHW (or back) would be silently wrong numbers."""
+    shape, groups = (2, 8, 3, 5), 2
+    inp = _make(seed, shape, torch.float32)
+    if layout == "channels_last":
+        inp = _channels_last(inp, "all")
+    elif layout == "mixed":
+        inp = _channels_last(inp, "x-only")
+    elif layout == "strided":  # a non-dense view: copied to NCHW
+        inp = {k: (torch.cat([v, v], dim=-1)[..., ::2] if v.dim() == 4 else v) for k, v in inp.items()}
+    plain = tuple(inp[n] for n in PLAIN_NAMES)
+    dual = tuple(inp[n] for n in DUAL_NAMES)
+    y, mean, rstd = gn._fwd_op(*plain, groups, EPS, True)
+    stats = gn._dual_op(*dual, groups, EPS, True)[2:]
+    cases = [
+        (gn._fwd_op, plain + (groups, EPS, True)),
+        (gn._fwd_op, (inp["x"], None, None, None, None, groups, EPS, False)),
+        (gn._bwd_op, (inp["grad_y"],) + plain + (mean, rstd, groups, True)),
+        (gn._dual_op, dual + (groups, EPS, True)),
+        (gn._dual_op, (inp["x"], None) + dual[2:] + (groups, EPS, True)),
+        (gn._dual_bwd_op, (inp["grad_y"], inp["grad_y_dot"]) + dual + (*stats, groups, True, True)),
+        (gn._dual_bwd_op, (None, inp["grad_y_dot"]) + dual + (*stats, groups, True, False)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))

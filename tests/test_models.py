@@ -441,3 +441,60 @@ def test_dual_time_unet_time_tangent_matches_jvp_float64(scale_shift: bool, seed
         v_ref, dv_ref = torch.func.jvp(lambda tt: model(x, s, tt), (t,), (torch.ones_like(t),))
     torch.testing.assert_close(v, v_ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(dv, dv_ref, rtol=1e-9, atol=1e-9, msg=lambda m: f"seed {seed}: {m}")
+
+
+# ------------------------------------------------------------------------------ memory layout
+def _not_channels_last(model: nn.Module, run) -> List[str]:
+    """Modules whose 4-D inputs or outputs (primals and tangents) are not channels_last.
+
+    Inputs matter most: a convolution with channels_last weights returns channels_last whatever
+    it is given, so a norm or a head merge that flips the layout shows only in the next input.
+    """
+    found: List[str] = []
+
+    def check(name, module, where, values):
+        for t in values:
+            if isinstance(t, Tensor) and t.dim() == 4 and t.shape[1] > 1 and t.shape[2] * t.shape[3] > 1:
+                if not t.is_contiguous(memory_format=torch.channels_last):
+                    found.append(f"{where} of {name} ({type(module).__name__}), strides {t.stride()}")
+
+    def pre_hook(name):
+        return lambda module, args: check(name, module, "input", args)
+
+    def hook(name):
+        return lambda module, args, out: check(name, module, "output", out if isinstance(out, tuple) else (out,))
+
+    named = [(n, m) for n, m in model.named_modules() if n]
+    handles = [m.register_forward_pre_hook(pre_hook(n)) for n, m in named]
+    handles += [m.register_forward_hook(hook(n)) for n, m in named]
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    return found
+
+
+@pytest.mark.parametrize("impl", ["reference", "cpp"])
+@pytest.mark.parametrize("tangent", ["plain", "dual"])
+def test_channels_last_stays_channels_last(tangent: str, impl: str, seed: int) -> None:
+    """infrastructure.channels_last converts weights and batch once; every block (ResBlocks with
+    FiLM, attention, down/upsampling, skip concatenations) then takes and returns channels_last
+    primals and tangents with the NCHW model's numbers — no layout flip inside the UNet — with the
+    reference ops and with the fused C++ ops (the Triton kernels: tests/test_kernels_gn_film_silu.py)."""
+    from fastflow.ops import cpu
+
+    if impl == "cpp" and not cpu.is_available():
+        pytest.skip(f"C++ ops not built: {cpu.unavailable_reason()}")
+    model = DualTimeUNet(tiny_unet(attention_resolutions=(8, 4), fused_kernels=impl == "cpp"), 1000).double()
+    x, s, t = torch.randn(2, 2, 8, 8, dtype=torch.float64), torch.rand(2, dtype=torch.float64), torch.rand(2, dtype=torch.float64)
+    kwargs = {} if tangent == "plain" else {"t_dot": torch.ones_like(t)}
+    expected = model(x, s, t, **kwargs)
+    model_cl = model.to(memory_format=torch.channels_last)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    out: list = []
+    flipped = _not_channels_last(model_cl, lambda: out.append(model_cl(x_cl, s, t, **kwargs)))
+    assert not flipped, "layout flipped in: " + "; ".join(flipped[:5])
+    for got, want in zip(out[0] if tangent == "dual" else out, expected if tangent == "dual" else [expected]):
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=lambda m: f"seed {seed}: {m}")

@@ -25,8 +25,8 @@ def add(a: Tensor, a_dot: Optional[Tensor], b: Tensor, b_dot: Optional[Tensor]) 
         return out, None
     if a_dot is None or b_dot is None:
         out_dot = a_dot if b_dot is None else b_dot
-        if out_dot.shape != out.shape:
-            out_dot = out_dot.expand(out.shape).contiguous()
+        if out_dot.shape != out.shape:  # materialised in out's layout (NCHW or channels_last)
+            out_dot = torch.empty_like(out).copy_(out_dot.expand(out.shape))
         return out, out_dot
     return out, a_dot + b_dot
 

@@ -148,20 +148,27 @@ if is_available():
     def _c(x: Tensor) -> Tensor:
         return x.new_empty((x.shape[1],), dtype=_accumulation_dtype(x.dtype))
 
+    def _like(x: Tensor) -> Tensor:
+        """x's shape, dtype and layout class: channels_last for a 4-D channels_last x (the C++
+        ops return that, csrc/gn_film_silu.cpp ``in_layout_of``), else contiguous."""
+        channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+
     def _gn_fwd_fake(x, weight, bias, scale, shift, groups, eps, silu):
         stats = x.new_empty((x.shape[0], groups), dtype=_accumulation_dtype(x.dtype))
-        return x.new_empty(x.shape), stats, stats.new_empty(stats.shape)
+        return _like(x), stats, stats.new_empty(stats.shape)
 
     def _gn_bwd_fake(grad_y, x, weight, bias, scale, shift, mean, rstd, groups, silu):
-        return x.new_empty(x.shape), _c(x), _c(x), _nc(x), _nc(x)
+        return _like(x), _c(x), _c(x), _nc(x), _nc(x)
 
     def _gn_dual_fwd_fake(x, x_dot, weight, bias, scale, scale_dot, shift, shift_dot, groups, eps, silu):
         stats = x.new_empty((x.shape[0], groups, 4), dtype=_accumulation_dtype(x.dtype))
-        return x.new_empty(x.shape), x.new_empty(x.shape), stats
+        return _like(x), _like(x), stats
 
     def _gn_dual_bwd_fake(grad_y, grad_y_dot, x, x_dot, weight, bias, scale, scale_dot, shift,
                           shift_dot, stats, groups, silu):
-        return (x.new_empty(x.shape), x.new_empty(x.shape), _c(x), _c(x), _nc(x), _nc(x), _nc(x), _nc(x))
+        return (_like(x), _like(x), _c(x), _c(x), _nc(x), _nc(x), _nc(x), _nc(x))
 
     def _attention_fwd_fake(q, k, v):
         b, h, lq, _ = q.shape

@@ -34,10 +34,16 @@ def _acc(x: Tensor) -> Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
-def _group_stats(xg: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
-    """Mean and reciprocal std over the last dim of a (N, G, M) float32 tensor."""
-    mean = xg.mean(dim=-1, keepdim=True)
-    var = (xg - mean).square().mean(dim=-1, keepdim=True)
+def _grouped(x: Tensor, groups: int) -> Tuple[Tensor, Tuple[int, ...]]:
+    """(N, C, *spatial) → the (N, G, C/G, *spatial) view (no copy in any layout) and its group dims."""
+    xg = _acc(x).unflatten(1, (groups, x.shape[1] // groups))
+    return xg, tuple(range(2, xg.dim()))
+
+
+def _group_stats(xg: Tensor, dims: Tuple[int, ...], eps: float) -> Tuple[Tensor, Tensor]:
+    """Mean and reciprocal std of a grouped float32 tensor over its group dims."""
+    mean = xg.mean(dim=dims, keepdim=True)
+    var = (xg - mean).square().mean(dim=dims, keepdim=True)
     return mean, torch.rsqrt(var + eps)
 
 
@@ -105,10 +111,12 @@ def gn_film_silu_dual_reference(
     if channels % groups != 0:
         raise ValueError(f"gn_film_silu: channels={channels} not divisible by groups={groups}")
     ndim = x.dim()
-    xg = _acc(x).reshape(n_batch, groups, -1)
-    mean, rstd = _group_stats(xg, eps)
+    # Grouped views and elementwise ops only, so the output keeps x's memory layout (a
+    # channels_last UNet stays channels_last through its norms).
+    xg, dims = _grouped(x, groups)
+    mean, rstd = _group_stats(xg, dims, eps)
     normed_g = (xg - mean) * rstd
-    normed = normed_g.reshape(x.shape)
+    normed = normed_g.flatten(1, 2)
 
     w = _channel_param(weight, n_batch, channels, ndim)
     b = _channel_param(bias, n_batch, channels, ndim)
@@ -126,11 +134,11 @@ def gn_film_silu_dual_reference(
 
     z_dot = None
     if x_dot is not None:
-        xdg = _acc(x_dot).reshape(n_batch, groups, -1)
-        n_dot_g = rstd * (xdg - xdg.mean(dim=-1, keepdim=True)) - normed_g * (
-            (normed_g * xdg).mean(dim=-1, keepdim=True) * rstd
+        xdg, _ = _grouped(x_dot, groups)
+        n_dot_g = rstd * (xdg - xdg.mean(dim=dims, keepdim=True)) - normed_g * (
+            (normed_g * xdg).mean(dim=dims, keepdim=True) * rstd
         )
-        n_dot = n_dot_g.reshape(x.shape)
+        n_dot = n_dot_g.flatten(1, 2)
         if w is not None:
             n_dot = n_dot * w
         z_dot = n_dot if sc is None else n_dot * (1 + sc)
