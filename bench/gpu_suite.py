@@ -1046,6 +1046,14 @@ def render_summary(profile: Profile, device: Dict[str, Any], data: Dict[str, Dic
             parts = [f"{b} {_ratio(_median(train.get(f'fmm_{b}-reference-{mode}')), fm)}"
                      for b in ("dual", "finite_difference", "jvp")]
             lines.append(f"  FMM/FM {mode}: " + ", ".join(parts))
+        layout = []
+        for case in ("flow_matching", "fmm_dual"):
+            for impl in ("reference", "fused"):
+                nchw, cl = (_median(train.get(f"{case}-{impl}{sfx}-eager")) for sfx in ("", "_cl"))
+                if nchw and cl:
+                    layout.append(f"{case} {impl} {_ratio(cl, nchw)}")
+        if layout:
+            lines.append("  channels_last / NCHW (eager step time; < 1: channels_last faster): " + ", ".join(layout))
         course = _median(train.get("course_fmm-reference-eager"))
         if course:
             fmm = {k: _median(v) for k, v in train.items() if k.startswith("fmm_") and _median(v)}

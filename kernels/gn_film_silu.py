@@ -720,6 +720,12 @@ def _launch_config(channels_per_group: int, hw: int, kind: str, channels_last: b
 
     The tile spans the contiguous axis first: positions for NCHW, the group's channels for
     channels_last (where a group's CPG channels are the only contiguous run at each position).
+    Expected cost of that layout, to check on a GPU (the suite's ``-cl`` gn_film_silu rows): one
+    program per (n, g) reads CPG·2 bytes per position in bf16 (8 B at CPG = 4), a quarter of each
+    32-byte sector; the neighbouring groups' programs read the rest at about the same time, so
+    DRAM traffic stays near ideal but L2→SM traffic is up to 32 / (2·CPG) times it. If those rows
+    fall well short of the NCHW ones, the fix is a channels_last kernel whose programs cover
+    ≥ 32 contiguous channels (several groups, per-group sums by one-hot reduction).
     """
     tile = _TILE_ELEMENTS[kind]
     if channels_last:
