@@ -399,7 +399,7 @@ def _flag(name: str) -> str:
 
 
 def table(records: List[Dict[str, Any]]) -> str:
-    keys = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "BLOCK_C", "BLOCK_HW")
+    keys = ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "BLOCK_C", "BLOCK_HW", "BLOCK_CH", "BLOCK_G")
     lines = [f"{'kernel':34} {'dtype':6} {'tile':18} {'w':>2} {'st':>2} {'regs':>4} {'spill':>9} "
              f"{'smem KiB':>8} {'SM occ':>10} {'flags':24} cases"]
     for r in sorted(records, key=lambda r: (r["kernel"], str(r["dtypes"]), str(r["constexprs"]))):

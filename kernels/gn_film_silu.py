@@ -30,9 +30,11 @@ x may be NCHW-contiguous or (4-D) channels_last: the kernels address element (n,
 ``n·C·HW + c·Stride_c + hw·Stride_hw`` and run either layout in place, and every output of x's
 shape (y, ẏ, dx, dẋ) is allocated in x's layout; ẋ and upstream grads in another layout are
 converted to x's. Other strides are copied to NCHW first. The fake kernels give the same strides
-(torch.compile plans the code after an operator from them). The channels_last tile spans a
-group's channels first (the only contiguous run at each position); whether that layout wins on a
-GPU is measured by the GPU suite (``_cl`` rows), not assumed.
+(torch.compile plans the code after an operator from them). channels_last runs its own kernels
+(``_gn_film_silu_cl_*``): a group's channels are the only contiguous run at each position, so each
+program takes several whole groups (≥ 32 contiguous channels) and reduces per group by a one-hot
+sum; NCHW keeps one program per (sample, group). Whether channels_last wins on a GPU is for the
+GPU suite's ``_cl`` rows to say, not assumed.
 
 Autograd and compilation
 ------------------------
@@ -698,6 +700,338 @@ def _gn_film_silu_dual_bwd_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
+# channels_last kernels: one program per (sample, block of GPP whole groups)
+# ----------------------------------------------------------------------------------------------
+# In channels_last a group's CPG channels are the only contiguous run at each position (8 bytes
+# at CPG = 4 in bf16: a quarter of a 32-byte sector), so a program per (n, g) wastes most of each
+# sector it touches. These kernels give each program GPP consecutive groups (≥ _CL_CHANNELS
+# contiguous channels) and a (BLOCK_HW, BLOCK_CH) tile with channels fastest; per-group sums come
+# from a (BLOCK_CH, BLOCK_G) one-hot reduction of per-channel sums, and group values go back to
+# channels the same way. Same math, same saved statistics, same outputs as the kernels above.
+
+
+@triton.jit
+def _cl_program(C, HW, G, CPG, GPP, BLOCK_CH: tl.constexpr, BLOCK_G: tl.constexpr):
+    """(n, absolute channels, channel mask, one-hot (BLOCK_CH, BLOCK_G), group indices, group mask,
+    element offset of sample n) for this program's block of groups."""
+    pid = tl.program_id(0)
+    num_blocks = tl.cdiv(G, GPP)
+    n = pid // num_blocks
+    g0 = (pid % num_blocks) * GPP
+    j = tl.arange(0, BLOCK_CH)
+    q = tl.arange(0, BLOCK_G)
+    channels = g0 * CPG + j
+    c_mask = (j < GPP * CPG) & (channels < C)
+    onehot = ((j // CPG)[:, None] == q[None, :]) & c_mask[:, None]
+    groups = g0 + q
+    g_mask = (q < GPP) & (groups < G)
+    return n, channels, c_mask, onehot, groups, g_mask, n.to(tl.int64) * HW * C
+
+
+@triton.jit
+def _to_groups(v, onehot):
+    """Per-channel values (BLOCK_CH,) → their per-group sums (BLOCK_G,)."""
+    return tl.sum(tl.where(onehot, v[:, None], 0.0), axis=0)
+
+
+@triton.jit
+def _to_channels(gv, onehot):
+    """Per-group values (BLOCK_G,) → each channel's group value (BLOCK_CH,)."""
+    return tl.sum(tl.where(onehot, gv[None, :], 0.0), axis=1)
+
+
+@triton.jit
+def _cl_group_moments(
+    X_ptr, XDot_ptr, base, channels, c_mask, onehot, C, HW, CPG,
+    HAS_X_DOT: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_CH: tl.constexpr,
+):
+    """Per-channel (μ, var, mean(ẋ), cov(x, ẋ)) of each channel's group, float32 (BLOCK_CH,) each.
+
+    Welford per lane over the positions (one read), merged per channel and then per group with
+    Chan et al.'s formula, as :func:`_group_moments` does for one group.
+    """
+    hw_range = tl.arange(0, BLOCK_HW)
+    count = tl.full([BLOCK_HW, BLOCK_CH], 0.0, tl.float32)
+    x_mean = tl.full([BLOCK_HW, BLOCK_CH], 0.0, tl.float32)
+    x_m2 = tl.full([BLOCK_HW, BLOCK_CH], 0.0, tl.float32)
+    xd_mean = tl.full([BLOCK_HW, BLOCK_CH], 0.0, tl.float32)
+    x_xd_c2 = tl.full([BLOCK_HW, BLOCK_CH], 0.0, tl.float32)
+    for hw0 in range(0, HW, BLOCK_HW):
+        positions = hw0 + hw_range
+        mask = (positions < HW)[:, None] & c_mask[None, :]
+        offsets = base + positions[:, None] * C + channels[None, :]
+        x = tl.load(X_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        count += tl.where(mask, 1.0, 0.0)
+        inv_count = tl.where(mask, 1.0 / tl.maximum(count, 1.0), 0.0)
+        delta = x - x_mean
+        x_mean += delta * inv_count
+        x_m2 += tl.where(mask, delta * (x - x_mean), 0.0)
+        if HAS_X_DOT:
+            xd = tl.load(XDot_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            xd_mean += (xd - xd_mean) * inv_count
+            x_xd_c2 += tl.where(mask, delta * (xd - xd_mean), 0.0)
+    group_size = CPG * HW
+    mean = _to_channels(_to_groups(tl.sum(count * x_mean, axis=0), onehot) / group_size, onehot)
+    x_shift = x_mean - mean[None, :]
+    var = _to_channels(_to_groups(tl.sum(x_m2 + count * x_shift * x_shift, axis=0), onehot) / group_size, onehot)
+    if HAS_X_DOT:
+        xd_total = _to_channels(_to_groups(tl.sum(count * xd_mean, axis=0), onehot) / group_size, onehot)
+        cov_c = tl.sum(x_xd_c2 + count * x_shift * (xd_mean - xd_total[None, :]), axis=0)
+        cov = _to_channels(_to_groups(cov_c, onehot) / group_size, onehot)
+    else:
+        xd_total = mean * 0.0
+        cov = mean * 0.0
+    return mean, var, xd_total, cov
+
+
+@triton.jit
+def _cl_store_group_stat(Stat_ptr, values, onehot, n, G, groups, g_mask):
+    """Store a group statistic held by every channel of its group once per group: (N, G) float32."""
+    group_values = tl.max(tl.where(onehot, values[:, None], float("-inf")), axis=0)
+    tl.store(Stat_ptr + n * G + groups, group_values, mask=g_mask)
+
+
+@triton.jit
+def _gn_film_silu_cl_fwd_kernel(
+    X_ptr, Weight_ptr, Bias_ptr, Scale_ptr, Shift_ptr, Y_ptr, Mean_ptr, Rstd_ptr,
+    C, HW, G, CPG, GPP, Scale_stride_n, Shift_stride_n, eps,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    SILU: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_CH: tl.constexpr, BLOCK_G: tl.constexpr,
+):
+    """:func:`_gn_film_silu_fwd_kernel` for channels_last x, GPP groups per program."""
+    n, channels, c_mask, onehot, groups, g_mask, base = _cl_program(C, HW, G, CPG, GPP, BLOCK_CH, BLOCK_G)
+    mean, var, unused_xd_mean, unused_cov = _cl_group_moments(
+        X_ptr, X_ptr, base, channels, c_mask, onehot, C, HW, CPG, False, BLOCK_HW, BLOCK_CH
+    )
+    rstd = 1.0 / tl.sqrt(var + eps)
+    _cl_store_group_stat(Mean_ptr, mean, onehot, n, G, groups, g_mask)
+    _cl_store_group_stat(Rstd_ptr, rstd, onehot, n, G, groups, g_mask)
+    w, b, s, unused_sd, t, unused_td = _load_film_coefficients(
+        Weight_ptr, Bias_ptr, Scale_ptr, Scale_ptr, Shift_ptr, Shift_ptr, n, 0, 0, channels, c_mask,
+        Scale_stride_n, 0, Shift_stride_n, 0,
+        HAS_WEIGHT, HAS_BIAS, HAS_SCALE, False, HAS_SHIFT, False, BLOCK_CH,
+    )
+    coef_a = (w * (1.0 + s) * rstd)[None, :]
+    coef_b = (b * (1.0 + s) + t)[None, :]
+    mean2 = mean[None, :]
+    hw_range = tl.arange(0, BLOCK_HW)
+    for hw0 in range(0, HW, BLOCK_HW):
+        positions = hw0 + hw_range
+        mask = (positions < HW)[:, None] & c_mask[None, :]
+        offsets = base + positions[:, None] * C + channels[None, :]
+        x = tl.load(X_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        z = (x - mean2) * coef_a + coef_b
+        if SILU:
+            z = z / (1.0 + tl.exp(-z))
+        tl.store(Y_ptr + offsets, z.to(Y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gn_film_silu_cl_bwd_kernel(
+    X_ptr, Weight_ptr, Bias_ptr, Scale_ptr, Shift_ptr, DY_ptr, Mean_ptr, Rstd_ptr,
+    DX_ptr, DScale_ptr, DShift_ptr, DWeightPartial_ptr, DBiasPartial_ptr,
+    C, HW, G, CPG, GPP, Scale_stride_n, Shift_stride_n,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    SILU: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_CH: tl.constexpr, BLOCK_G: tl.constexpr,
+):
+    """:func:`_gn_film_silu_bwd_kernel` (same formulas) for channels_last x, GPP groups per program."""
+    n, channels, c_mask, onehot, groups, g_mask, base = _cl_program(C, HW, G, CPG, GPP, BLOCK_CH, BLOCK_G)
+    mean = _to_channels(tl.load(Mean_ptr + n * G + groups, mask=g_mask, other=0.0), onehot)[None, :]
+    rstd = _to_channels(tl.load(Rstd_ptr + n * G + groups, mask=g_mask, other=0.0), onehot)[None, :]
+    w, b, s, unused_sd, t, unused_td = _load_film_coefficients(
+        Weight_ptr, Bias_ptr, Scale_ptr, Scale_ptr, Shift_ptr, Shift_ptr, n, 0, 0, channels, c_mask,
+        Scale_stride_n, 0, Shift_stride_n, 0,
+        HAS_WEIGHT, HAS_BIAS, HAS_SCALE, False, HAS_SHIFT, False, BLOCK_CH,
+    )
+    coef_a = w * (1.0 + s)
+    coef_b = b * (1.0 + s) + t
+    hw_range = tl.arange(0, BLOCK_HW)
+    acc_gz = tl.full([BLOCK_HW, BLOCK_CH], 0.0, tl.float32)
+    acc_gz_n = tl.full([BLOCK_HW, BLOCK_CH], 0.0, tl.float32)
+    for hw0 in range(0, HW, BLOCK_HW):
+        positions = hw0 + hw_range
+        mask = (positions < HW)[:, None] & c_mask[None, :]
+        offsets = base + positions[:, None] * C + channels[None, :]
+        x = tl.load(X_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        gz = tl.load(DY_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        normed = (x - mean) * rstd
+        if SILU:
+            silu_z, dsilu, unused_d2 = _silu_derivatives(normed * coef_a[None, :] + coef_b[None, :])
+            gz = gz * dsilu
+        acc_gz += gz
+        acc_gz_n += tl.where(mask, gz * normed, 0.0)
+    s1 = tl.sum(acc_gz, axis=0)
+    s2 = tl.sum(acc_gz_n, axis=0)
+    nc_offsets = n * C + channels
+    tl.store(DShift_ptr + nc_offsets, s1, mask=c_mask)
+    tl.store(DScale_ptr + nc_offsets, w * s2 + b * s1, mask=c_mask)
+    tl.store(DWeightPartial_ptr + nc_offsets, (1.0 + s) * s2, mask=c_mask)
+    tl.store(DBiasPartial_ptr + nc_offsets, (1.0 + s) * s1, mask=c_mask)
+    group_size = CPG * HW
+    mean_gn = _to_channels(_to_groups(coef_a * s1, onehot) / group_size, onehot)[None, :]
+    mean_gn_n = _to_channels(_to_groups(coef_a * s2, onehot) / group_size, onehot)[None, :]
+    for hw0 in range(0, HW, BLOCK_HW):
+        positions = hw0 + hw_range
+        mask = (positions < HW)[:, None] & c_mask[None, :]
+        offsets = base + positions[:, None] * C + channels[None, :]
+        x = tl.load(X_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        gz = tl.load(DY_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        normed = (x - mean) * rstd
+        if SILU:
+            silu_z, dsilu, unused_d2 = _silu_derivatives(normed * coef_a[None, :] + coef_b[None, :])
+            gz = gz * dsilu
+        dx = rstd * (gz * coef_a[None, :] - mean_gn - normed * mean_gn_n)
+        tl.store(DX_ptr + offsets, dx.to(DX_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gn_film_silu_cl_dual_kernel(
+    X_ptr, XDot_ptr, Weight_ptr, Bias_ptr, Scale_ptr, ScaleDot_ptr, Shift_ptr, ShiftDot_ptr,
+    Y_ptr, YDot_ptr, Mean_ptr, Rstd_ptr, XDotMean_ptr, XDotProj_ptr,
+    C, HW, G, CPG, GPP, Scale_stride_n, ScaleDot_stride_n, Shift_stride_n, ShiftDot_stride_n, eps,
+    HAS_X_DOT: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_SCALE_DOT: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    HAS_SHIFT_DOT: tl.constexpr, SILU: tl.constexpr,
+    BLOCK_HW: tl.constexpr, BLOCK_CH: tl.constexpr, BLOCK_G: tl.constexpr,
+):
+    """:func:`_gn_film_silu_dual_kernel` for channels_last x, GPP groups per program."""
+    n, channels, c_mask, onehot, groups, g_mask, base = _cl_program(C, HW, G, CPG, GPP, BLOCK_CH, BLOCK_G)
+    mean, var, xd_mean, cov = _cl_group_moments(
+        X_ptr, XDot_ptr, base, channels, c_mask, onehot, C, HW, CPG, HAS_X_DOT, BLOCK_HW, BLOCK_CH
+    )
+    rstd = 1.0 / tl.sqrt(var + eps)
+    xd_proj = rstd * cov
+    _cl_store_group_stat(Mean_ptr, mean, onehot, n, G, groups, g_mask)
+    _cl_store_group_stat(Rstd_ptr, rstd, onehot, n, G, groups, g_mask)
+    _cl_store_group_stat(XDotMean_ptr, xd_mean, onehot, n, G, groups, g_mask)
+    _cl_store_group_stat(XDotProj_ptr, xd_proj, onehot, n, G, groups, g_mask)
+    w, b, s, sd, t, td = _load_film_coefficients(
+        Weight_ptr, Bias_ptr, Scale_ptr, ScaleDot_ptr, Shift_ptr, ShiftDot_ptr, n, 0, 0, channels, c_mask,
+        Scale_stride_n, ScaleDot_stride_n, Shift_stride_n, ShiftDot_stride_n,
+        HAS_WEIGHT, HAS_BIAS, HAS_SCALE, HAS_SCALE_DOT, HAS_SHIFT, HAS_SHIFT_DOT, BLOCK_CH,
+    )
+    coef_a = (w * (1.0 + s))[None, :]
+    coef_b = (b * (1.0 + s) + t)[None, :]
+    mean2, rstd2, xd_mean2, xd_proj2 = mean[None, :], rstd[None, :], xd_mean[None, :], xd_proj[None, :]
+    hw_range = tl.arange(0, BLOCK_HW)
+    for hw0 in range(0, HW, BLOCK_HW):
+        positions = hw0 + hw_range
+        mask = (positions < HW)[:, None] & c_mask[None, :]
+        offsets = base + positions[:, None] * C + channels[None, :]
+        x = tl.load(X_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        normed = (x - mean2) * rstd2
+        z = normed * coef_a + coef_b
+        z_dot = (normed * w[None, :] + b[None, :]) * sd[None, :] + td[None, :]
+        if HAS_X_DOT:
+            xd = tl.load(XDot_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+            z_dot += rstd2 * (xd - xd_mean2 - normed * xd_proj2) * coef_a
+        if SILU:
+            y, dsilu, unused_d2 = _silu_derivatives(z)
+            z = y
+            z_dot = z_dot * dsilu
+        tl.store(Y_ptr + offsets, z.to(Y_ptr.dtype.element_ty), mask=mask)
+        tl.store(YDot_ptr + offsets, z_dot.to(YDot_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gn_film_silu_cl_dual_bwd_kernel(
+    X_ptr, XDot_ptr, Weight_ptr, Bias_ptr, Scale_ptr, ScaleDot_ptr, Shift_ptr, ShiftDot_ptr,
+    DY_ptr, DYDot_ptr, Mean_ptr, Rstd_ptr, XDotMean_ptr, XDotProj_ptr,
+    DX_ptr, DXDot_ptr, DWeightPartial_ptr, DBiasPartial_ptr, DScale_ptr, DScaleDot_ptr, DShift_ptr, DShiftDot_ptr,
+    C, HW, G, CPG, GPP, Scale_stride_n, ScaleDot_stride_n, Shift_stride_n, ShiftDot_stride_n,
+    HAS_X_DOT: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_SCALE_DOT: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    HAS_SHIFT_DOT: tl.constexpr, HAS_GRAD_Y: tl.constexpr, HAS_GRAD_Y_DOT: tl.constexpr,
+    NEEDS_GRAD_X_DOT: tl.constexpr, SILU: tl.constexpr,
+    BLOCK_HW: tl.constexpr, BLOCK_CH: tl.constexpr, BLOCK_G: tl.constexpr,
+):
+    """:func:`_gn_film_silu_dual_bwd_kernel` (same formulas) for channels_last x, GPP groups per program."""
+    n, channels, c_mask, onehot, groups, g_mask, base = _cl_program(C, HW, G, CPG, GPP, BLOCK_CH, BLOCK_G)
+    stat_offsets = n * G + groups
+    mean = _to_channels(tl.load(Mean_ptr + stat_offsets, mask=g_mask, other=0.0), onehot)
+    rstd = _to_channels(tl.load(Rstd_ptr + stat_offsets, mask=g_mask, other=0.0), onehot)
+    xd_mean = _to_channels(tl.load(XDotMean_ptr + stat_offsets, mask=g_mask, other=0.0), onehot)
+    xd_proj = _to_channels(tl.load(XDotProj_ptr + stat_offsets, mask=g_mask, other=0.0), onehot)
+    w, b, s, sd, t, td = _load_film_coefficients(
+        Weight_ptr, Bias_ptr, Scale_ptr, ScaleDot_ptr, Shift_ptr, ShiftDot_ptr, n, 0, 0, channels, c_mask,
+        Scale_stride_n, ScaleDot_stride_n, Shift_stride_n, ShiftDot_stride_n,
+        HAS_WEIGHT, HAS_BIAS, HAS_SCALE, HAS_SCALE_DOT, HAS_SHIFT, HAS_SHIFT_DOT, BLOCK_CH,
+    )
+    coef_a = w * (1.0 + s)
+    coef_b = b * (1.0 + s) + t
+    hw_range = tl.arange(0, BLOCK_HW)
+    acc_p1 = tl.full([BLOCK_HW, BLOCK_CH], 0.0, tl.float32)
+    acc_p2 = tl.full([BLOCK_HW, BLOCK_CH], 0.0, tl.float32)
+    acc_q1 = tl.full([BLOCK_HW, BLOCK_CH], 0.0, tl.float32)
+    acc_q2 = tl.full([BLOCK_HW, BLOCK_CH], 0.0, tl.float32)
+    acc_q4 = tl.full([BLOCK_HW, BLOCK_CH], 0.0, tl.float32)
+    for hw0 in range(0, HW, BLOCK_HW):
+        positions = hw0 + hw_range
+        mask = (positions < HW)[:, None] & c_mask[None, :]
+        offsets = base + positions[:, None] * C + channels[None, :]
+        normed, xd_centered, gz, gzd = _dual_upstream(
+            X_ptr, XDot_ptr, DY_ptr, DYDot_ptr, offsets, mask, mean[None, :], rstd[None, :],
+            xd_mean[None, :], xd_proj[None, :], coef_a[None, :], coef_b[None, :], w[None, :], b[None, :],
+            sd[None, :], td[None, :], HAS_X_DOT, HAS_GRAD_Y, HAS_GRAD_Y_DOT, SILU, BLOCK_HW, BLOCK_CH,
+        )
+        acc_p1 += gz
+        acc_p2 += tl.where(mask, gz * normed, 0.0)
+        acc_q1 += gzd
+        acc_q2 += tl.where(mask, gzd * normed, 0.0)
+        acc_q4 += tl.where(mask, gzd * xd_centered, 0.0)
+    p1 = tl.sum(acc_p1, axis=0)
+    p2 = tl.sum(acc_p2, axis=0)
+    q1 = tl.sum(acc_q1, axis=0)
+    q2 = tl.sum(acc_q2, axis=0)
+    q4 = tl.sum(acc_q4, axis=0)
+    q3 = rstd * (q4 - xd_proj * q2)
+    nc_offsets = n * C + channels
+    tl.store(DShift_ptr + nc_offsets, p1, mask=c_mask)
+    tl.store(DShiftDot_ptr + nc_offsets, q1, mask=c_mask)
+    tl.store(DScale_ptr + nc_offsets, w * (p2 + q3) + b * p1, mask=c_mask)
+    tl.store(DScaleDot_ptr + nc_offsets, w * q2 + b * q1, mask=c_mask)
+    tl.store(DWeightPartial_ptr + nc_offsets, (1.0 + s) * (p2 + q3) + sd * q2, mask=c_mask)
+    tl.store(DBiasPartial_ptr + nc_offsets, (1.0 + s) * p1 + sd * q1, mask=c_mask)
+    group_size = CPG * HW
+    mean_gn = _to_channels(_to_groups(coef_a * p1 + w * sd * q1, onehot) / group_size, onehot)[None, :]
+    mean_gn_n = _to_channels(_to_groups(coef_a * p2 + w * sd * q2, onehot) / group_size, onehot)[None, :]
+    mean_gnd = _to_channels(_to_groups(coef_a * q1, onehot) / group_size, onehot)[None, :]
+    mean_gnd_n = _to_channels(_to_groups(coef_a * q2, onehot) / group_size, onehot)[None, :]
+    mean_gnd_xc = _to_channels(_to_groups(coef_a * q4, onehot) / group_size, onehot)[None, :]
+    normed_coef = mean_gnd_xc - 3.0 * xd_proj[None, :] * mean_gnd_n
+    rstd2, xd_proj2 = rstd[None, :], xd_proj[None, :]
+    coef_a2, w_sd = coef_a[None, :], (w * sd)[None, :]
+    for hw0 in range(0, HW, BLOCK_HW):
+        positions = hw0 + hw_range
+        mask = (positions < HW)[:, None] & c_mask[None, :]
+        offsets = base + positions[:, None] * C + channels[None, :]
+        normed, xd_centered, gz, gzd = _dual_upstream(
+            X_ptr, XDot_ptr, DY_ptr, DYDot_ptr, offsets, mask, mean[None, :], rstd2,
+            xd_mean[None, :], xd_proj2, coef_a2, coef_b[None, :], w[None, :], b[None, :],
+            sd[None, :], td[None, :], HAS_X_DOT, HAS_GRAD_Y, HAS_GRAD_Y_DOT, SILU, BLOCK_HW, BLOCK_CH,
+        )
+        grad_normed = gz * coef_a2 + gzd * w_sd
+        grad_normed_dot = gzd * coef_a2
+        dx = rstd2 * (grad_normed - mean_gn - normed * mean_gn_n) - rstd2 * rstd2 * (
+            normed * normed_coef + xd_centered * mean_gnd_n + xd_proj2 * (grad_normed_dot - mean_gnd)
+        )
+        tl.store(DX_ptr + offsets, dx.to(DX_ptr.dtype.element_ty), mask=mask)
+        if NEEDS_GRAD_X_DOT:
+            dxd = rstd2 * (grad_normed_dot - mean_gnd - normed * mean_gnd_n)
+            tl.store(DXDot_ptr + offsets, dxd.to(DXDot_ptr.dtype.element_ty), mask=mask)
+
+
+_KERNELS = {
+    "fwd": _gn_film_silu_fwd_kernel, "bwd": _gn_film_silu_bwd_kernel,
+    "dual": _gn_film_silu_dual_kernel, "dual_bwd": _gn_film_silu_dual_bwd_kernel,
+}
+_CL_KERNELS = {
+    "fwd": _gn_film_silu_cl_fwd_kernel, "bwd": _gn_film_silu_cl_bwd_kernel,
+    "dual": _gn_film_silu_cl_dual_kernel, "dual_bwd": _gn_film_silu_cl_dual_bwd_kernel,
+}
+
+
+# ----------------------------------------------------------------------------------------------
 # Host launchers
 # ----------------------------------------------------------------------------------------------
 
@@ -719,13 +1053,8 @@ def _launch_config(channels_per_group: int, hw: int, kind: str, channels_last: b
     """(BLOCK_C, BLOCK_HW, num_warps): a ≤ _TILE_ELEMENTS[kind] tile over one group's (CPG, HW).
 
     The tile spans the contiguous axis first: positions for NCHW, the group's channels for
-    channels_last (where a group's CPG channels are the only contiguous run at each position).
-    Expected cost of that layout, to check on a GPU (the suite's ``-cl`` gn_film_silu rows): one
-    program per (n, g) reads CPG·2 bytes per position in bf16 (8 B at CPG = 4), a quarter of each
-    32-byte sector; the neighbouring groups' programs read the rest at about the same time, so
-    DRAM traffic stays near ideal but L2→SM traffic is up to 32 / (2·CPG) times it. If those rows
-    fall well short of the NCHW ones, the fix is a channels_last kernel whose programs cover
-    ≥ 32 contiguous channels (several groups, per-group sums by one-hot reduction).
+    channels_last. channels_last normally runs the grouped kernels (:func:`_cl_launch_config`);
+    this per-group tile serves it only when a group is wider than one tile.
     """
     tile = _TILE_ELEMENTS[kind]
     if channels_last:
@@ -736,6 +1065,28 @@ def _launch_config(channels_per_group: int, hw: int, kind: str, channels_last: b
         block_c = min(triton.next_power_of_2(max(channels_per_group, 1)), max(1, tile // block_hw))
     num_warps = max(1, min(8, (block_c * block_hw) // 128))
     return block_c, block_hw, num_warps
+
+
+# channels_last: a program covers whole groups adding up to at least this many contiguous channels
+# (64 bytes in bf16: two full 32-byte sectors per position, where one group of 4 fills a quarter).
+_CL_CHANNELS = 32
+
+
+def _cl_launch_config(channels_per_group: int, groups: int, hw: int, kind: str) -> Optional[Tuple[int, ...]]:
+    """(GPP, BLOCK_HW, BLOCK_CH, BLOCK_G, num_warps) for the channels_last grouped kernels, or None
+    when one group's channels exceed a tile (the per-group strided kernels take those)."""
+    tile = _TILE_ELEMENTS[kind]
+    if channels_per_group > tile:
+        return None
+    per_program = max(1, min(groups, _CL_CHANNELS // channels_per_group))
+    block_ch = triton.next_power_of_2(per_program * channels_per_group)
+    if block_ch > tile:  # CPG not a power of two, just under a tile: one group per program
+        per_program, block_ch = 1, triton.next_power_of_2(channels_per_group)
+        if block_ch > tile:
+            return None
+    block_hw = min(triton.next_power_of_2(max(hw, 1)), max(1, tile // block_ch))
+    num_warps = max(1, min(8, (block_ch * block_hw) // 128))
+    return per_program, block_hw, block_ch, triton.next_power_of_2(per_program), num_warps
 
 
 def _data_layout(x: Tensor) -> Tuple[torch.memory_format, int, int]:
@@ -806,6 +1157,26 @@ def _film_arg(p: Optional[Tensor], n_batch: int, channels: int, like: Tensor) ->
     return p2, (p2.stride(0) if rows == n_batch and n_batch > 1 else 0)
 
 
+def _launch(kind: str, n_batch: int, channels: int, hw: int, groups: int, stride_c: int, stride_hw: int,
+            pointers: tuple, film_strides: tuple, tail: tuple, flags: dict) -> None:
+    """Launch ``kind``'s kernel: the grouped channels_last one when channels are the contiguous
+    axis (channels_last, or H·W = 1), else the per-group one with x's strides."""
+    cpg = channels // groups
+    grouped = _cl_launch_config(cpg, groups, hw, kind) if stride_c == 1 else None
+    if grouped is not None:
+        per_program, block_hw, block_ch, block_g, num_warps = grouped
+        _CL_KERNELS[kind][(n_batch * triton.cdiv(groups, per_program),)](
+            *pointers, channels, hw, groups, cpg, per_program, *film_strides, *tail, **flags,
+            BLOCK_HW=block_hw, BLOCK_CH=block_ch, BLOCK_G=block_g, num_warps=num_warps,
+        )
+        return
+    block_c, block_hw, num_warps = _launch_config(cpg, hw, kind, stride_c == 1)
+    _KERNELS[kind][(n_batch * groups,)](
+        *pointers, channels, hw, groups, cpg, stride_c, stride_hw, *film_strides, *tail, **flags,
+        BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=num_warps,
+    )
+
+
 def _gn_film_silu_fwd(x, weight, bias, scale, shift, groups, eps, silu):
     """Launch the forward kernel: (y, mean, rstd) with mean/rstd (N, G) float32."""
     n_batch, channels, hw = _check_inputs(x, groups)
@@ -818,15 +1189,13 @@ def _gn_film_silu_fwd(x, weight, bias, scale, shift, groups, eps, silu):
         return y, mean, rstd
     scale_arg, scale_stride = _film_arg(scale, n_batch, channels, x_c)
     shift_arg, shift_stride = _film_arg(shift, n_batch, channels, x_c)
-    cpg = channels // groups
-    block_c, block_hw, num_warps = _launch_config(cpg, hw, "fwd", stride_c == 1)
-    _gn_film_silu_fwd_kernel[(n_batch * groups,)](
-        x_c, _channel_arg(weight, channels, x_c), _channel_arg(bias, channels, x_c), scale_arg, shift_arg,
-        y, mean, rstd,
-        channels, hw, groups, cpg, stride_c, stride_hw, scale_stride, shift_stride, float(eps),
-        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, SILU=bool(silu),
-        BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=num_warps,
+    _launch(
+        "fwd", n_batch, channels, hw, groups, stride_c, stride_hw,
+        (x_c, _channel_arg(weight, channels, x_c), _channel_arg(bias, channels, x_c), scale_arg, shift_arg,
+         y, mean, rstd),
+        (scale_stride, shift_stride), (float(eps),),
+        dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+             HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, SILU=bool(silu)),
     )
     return y, mean, rstd
 
@@ -848,16 +1217,13 @@ def _gn_film_silu_bwd(grad_y, x, weight, bias, scale, shift, mean, rstd, groups,
     if x.numel() > 0:
         scale_arg, scale_stride = _film_arg(scale, n_batch, channels, x_c)
         shift_arg, shift_stride = _film_arg(shift, n_batch, channels, x_c)
-        cpg = channels // groups
-        block_c, block_hw, num_warps = _launch_config(cpg, hw, "bwd", stride_c == 1)
-        _gn_film_silu_bwd_kernel[(n_batch * groups,)](
-            x_c, _channel_arg(weight, channels, x_c), _channel_arg(bias, channels, x_c), scale_arg, shift_arg,
-            _in_layout(grad_y, layout), mean, rstd,
-            dx, dscale, dshift, dweight_partial, dbias_partial,
-            channels, hw, groups, cpg, stride_c, stride_hw, scale_stride, shift_stride,
-            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-            HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, SILU=bool(silu),
-            BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=num_warps,
+        _launch(
+            "bwd", n_batch, channels, hw, groups, stride_c, stride_hw,
+            (x_c, _channel_arg(weight, channels, x_c), _channel_arg(bias, channels, x_c), scale_arg, shift_arg,
+             _in_layout(grad_y, layout), mean, rstd, dx, dscale, dshift, dweight_partial, dbias_partial),
+            (scale_stride, shift_stride), (),
+            dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+                 HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, SILU=bool(silu)),
         )
     return dx, dweight_partial.sum(0), dbias_partial.sum(0), dscale, dshift
 
@@ -879,17 +1245,14 @@ def _gn_film_silu_dual(x, x_dot, weight, bias, scale, scale_dot, shift, shift_do
     scale_dot_arg, scale_dot_stride = _film_arg(scale_dot, n_batch, channels, x_c)
     shift_arg, shift_stride = _film_arg(shift, n_batch, channels, x_c)
     shift_dot_arg, shift_dot_stride = _film_arg(shift_dot, n_batch, channels, x_c)
-    cpg = channels // groups
-    block_c, block_hw, num_warps = _launch_config(cpg, hw, "dual", stride_c == 1)
-    _gn_film_silu_dual_kernel[(n_batch * groups,)](
-        x_c, x_dot_c, _channel_arg(weight, channels, x_c), _channel_arg(bias, channels, x_c),
-        scale_arg, scale_dot_arg, shift_arg, shift_dot_arg,
-        y, y_dot, *stats,
-        channels, hw, groups, cpg, stride_c, stride_hw, scale_stride, scale_dot_stride, shift_stride, shift_dot_stride, float(eps),
-        HAS_X_DOT=x_dot is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        HAS_SCALE=scale is not None, HAS_SCALE_DOT=scale_dot is not None,
-        HAS_SHIFT=shift is not None, HAS_SHIFT_DOT=shift_dot is not None, SILU=bool(silu),
-        BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=num_warps,
+    _launch(
+        "dual", n_batch, channels, hw, groups, stride_c, stride_hw,
+        (x_c, x_dot_c, _channel_arg(weight, channels, x_c), _channel_arg(bias, channels, x_c),
+         scale_arg, scale_dot_arg, shift_arg, shift_dot_arg, y, y_dot, *stats),
+        (scale_stride, scale_dot_stride, shift_stride, shift_dot_stride), (float(eps),),
+        dict(HAS_X_DOT=x_dot is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+             HAS_SCALE=scale is not None, HAS_SCALE_DOT=scale_dot is not None,
+             HAS_SHIFT=shift is not None, HAS_SHIFT_DOT=shift_dot is not None, SILU=bool(silu)),
     )
     return (y, y_dot, *stats)
 
@@ -925,23 +1288,21 @@ def _gn_film_silu_dual_bwd(
         scale_dot_arg, scale_dot_stride = _film_arg(scale_dot, n_batch, channels, x_c)
         shift_arg, shift_stride = _film_arg(shift, n_batch, channels, x_c)
         shift_dot_arg, shift_dot_stride = _film_arg(shift_dot, n_batch, channels, x_c)
-        cpg = channels // groups
-        block_c, block_hw, num_warps = _launch_config(cpg, hw, "dual_bwd", stride_c == 1)
-        _gn_film_silu_dual_bwd_kernel[(n_batch * groups,)](
-            x_c, x_dot_c, _channel_arg(weight, channels, x_c), _channel_arg(bias, channels, x_c),
-            scale_arg, scale_dot_arg, shift_arg, shift_dot_arg,
-            x_c if grad_y is None else _in_layout(grad_y, layout),
-            x_c if grad_y_dot is None else _in_layout(grad_y_dot, layout),
-            mean, rstd, x_dot_mean, x_dot_proj,
-            dx, dx if not needs_grad_x_dot else dx_dot,
-            dweight_partial, dbias_partial, dscale, dscale_dot, dshift, dshift_dot,
-            channels, hw, groups, cpg, stride_c, stride_hw, scale_stride, scale_dot_stride, shift_stride, shift_dot_stride,
-            HAS_X_DOT=x_dot is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-            HAS_SCALE=scale is not None, HAS_SCALE_DOT=scale_dot is not None,
-            HAS_SHIFT=shift is not None, HAS_SHIFT_DOT=shift_dot is not None,
-            HAS_GRAD_Y=grad_y is not None, HAS_GRAD_Y_DOT=grad_y_dot is not None,
-            NEEDS_GRAD_X_DOT=bool(needs_grad_x_dot), SILU=bool(silu),
-            BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=num_warps,
+        _launch(
+            "dual_bwd", n_batch, channels, hw, groups, stride_c, stride_hw,
+            (x_c, x_dot_c, _channel_arg(weight, channels, x_c), _channel_arg(bias, channels, x_c),
+             scale_arg, scale_dot_arg, shift_arg, shift_dot_arg,
+             x_c if grad_y is None else _in_layout(grad_y, layout),
+             x_c if grad_y_dot is None else _in_layout(grad_y_dot, layout),
+             mean, rstd, x_dot_mean, x_dot_proj,
+             dx, dx if not needs_grad_x_dot else dx_dot,
+             dweight_partial, dbias_partial, dscale, dscale_dot, dshift, dshift_dot),
+            (scale_stride, scale_dot_stride, shift_stride, shift_dot_stride), (),
+            dict(HAS_X_DOT=x_dot is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+                 HAS_SCALE=scale is not None, HAS_SCALE_DOT=scale_dot is not None,
+                 HAS_SHIFT=shift is not None, HAS_SHIFT_DOT=shift_dot is not None,
+                 HAS_GRAD_Y=grad_y is not None, HAS_GRAD_Y_DOT=grad_y_dot is not None,
+                 NEEDS_GRAD_X_DOT=bool(needs_grad_x_dot), SILU=bool(silu)),
         )
     return (
         dx, dx_dot, dweight_partial.sum(0), dbias_partial.sum(0), dscale, dscale_dot, dshift, dshift_dot,

@@ -95,8 +95,10 @@ def _plain_run(fn, inp, groups, silu, present):
     return y, _grads((y * inp["grad_y"]).sum(), leaves)
 
 
-def _check_plain(seed, shape, groups, dtype, silu, present, param_dtype=None, tol_scale=1.0):
+def _check_plain(seed, shape, groups, dtype, silu, present, param_dtype=None, tol_scale=1.0, channels_last=False):
     inp = _make(seed, shape, dtype, param_dtype)
+    if channels_last:
+        inp = _channels_last(inp, "all")
     y, grads = _plain_run(gn.gn_film_silu_triton, inp, groups, silu, present)
     y_ref, grads_ref = _plain_run(gn_film_silu_reference, inp, groups, silu, present)
     checks.assert_close(y, y_ref, TOL[dtype] * tol_scale, "y", seed)
@@ -148,8 +150,11 @@ def _dual_run(fn, inp, groups, silu, present, upstream=("grad_y", "grad_y_dot"))
     return y, y_dot, _grads(loss, leaves)
 
 
-def _check_dual(seed, shape, groups, dtype, silu, present, upstream=("grad_y", "grad_y_dot"), tol_scale=1.0):
+def _check_dual(seed, shape, groups, dtype, silu, present, upstream=("grad_y", "grad_y_dot"), tol_scale=1.0,
+                channels_last=False):
     inp = _make(seed, shape, dtype)
+    if channels_last:
+        inp = _channels_last(inp, "all")
     y, y_dot, grads = _dual_run(gn.gn_film_silu_dual_triton, inp, groups, silu, present, upstream)
     y_ref, y_dot_ref, grads_ref = _dual_run(gn_film_silu_dual_reference, inp, groups, silu, present, upstream)
     checks.assert_close(y, y_ref, TOL[dtype] * tol_scale, "y", seed)
@@ -329,27 +334,44 @@ GPU_CASES = [((8, 256, 32, 32), 32), ((4, 128, 64, 64), 32), ((2, 512, 8, 8), 32
 
 @pytest.mark.gpu
 @requires_gpu
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape,groups", GPU_CASES, ids=_ids(GPU_CASES))
-def test_gpu_shapes(shape, groups, dtype, seed):
-    """UNet-sized shapes (multi-block loops at real tile sizes) and bf16, on the GPU only.
+def test_gpu_shapes(shape, groups, dtype, layout, seed):
+    """UNet-sized shapes (multi-block loops at real tile sizes) and bf16, on the GPU only, in both
+    layouts (channels_last: the grouped kernels at real tile sizes and warp counts).
 
     fp32 gets 3x the CPU tolerance: up to 131k-element group sums in a different order.
     """
-    _check_plain(seed, shape, groups, dtype, True, ALL_PLAIN, param_dtype=torch.float32, tol_scale=3.0)
-    _check_dual(seed, shape, groups, dtype, True, ALL_DUAL, tol_scale=3.0)
+    cl = layout == "channels_last"
+    _check_plain(seed, shape, groups, dtype, True, ALL_PLAIN, param_dtype=torch.float32, tol_scale=3.0,
+                 channels_last=cl)
+    _check_dual(seed, shape, groups, dtype, True, ALL_DUAL, tol_scale=3.0, channels_last=cl)
 
 
 CL = torch.channels_last
 # (shape, groups, which tensors are channels_last): all of them (a channels_last UNet); x alone
-# (tangent and upstream grads NCHW: converted to x's layout); CPG = 12 (masked channel block) and
-# CPG = 16 with H·W = 81 (several position blocks per group in the channels_last tile).
+# (tangent and upstream grads NCHW: converted to x's layout); CPG = 12 (2 groups = 24 of a 32-wide
+# channel block per program); CPG = 16 with H·W = 81 (several position blocks); 10 groups of 4
+# (8 groups per program: the second program's block is partly empty).
 CL_CASES = [
     ((2, 24, 5, 7), 6, "all"),
     ((2, 24, 5, 7), 6, "x-only"),
     ((1, 384, 5, 7), 32, "all"),
     ((2, 32, 9, 9), 2, "all"),
+    ((2, 40, 3, 5), 10, "all"),
 ]
+
+
+class _CountingKernel:
+    """Stands in for a JIT kernel in ``gn._CL_KERNELS``: counts launches, then launches it."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
 
 
 def _channels_last(inp, which):
@@ -357,12 +379,20 @@ def _channels_last(inp, which):
             for k, v in inp.items()}
 
 
+@pytest.mark.parametrize("kernels", ["grouped", "per-group"])
 @pytest.mark.parametrize("shape,groups,which", CL_CASES,
                          ids=[f"{'x'.join(map(str, s))}-g{g}-{w}" for s, g, w in CL_CASES])
-def test_channels_last_inputs(shape, groups, which, seed):
+def test_channels_last_inputs(shape, groups, which, kernels, seed, monkeypatch):
     """channels_last x (infrastructure.channels_last): the kernels run that layout in place and
     return y, ẏ and dx in it (so a channels_last UNet stays channels_last through its norms), with
-    the reference's numbers on the contiguous tensors for the plain op, the dual op and all grads."""
+    the reference's numbers on the contiguous tensors for the plain op, the dual op and all grads.
+    ``grouped``: the channels_last kernels (several groups per program; all four must run);
+    ``per-group``: the strided per-group kernels they fall back to for groups wider than a tile."""
+    counters = {kind: _CountingKernel(k) for kind, k in gn._CL_KERNELS.items()}
+    for kind, counter in counters.items():
+        monkeypatch.setitem(gn._CL_KERNELS, kind, counter)
+    if kernels == "per-group":
+        monkeypatch.setattr(gn, "_cl_launch_config", lambda *args: None)
     inp = _make(seed, shape, torch.float32)
     cl = _channels_last(inp, which)
     assert not cl["x"].is_contiguous() and cl["x"].is_contiguous(memory_format=CL)
@@ -380,6 +410,8 @@ def test_channels_last_inputs(shape, groups, which, seed):
     checks.assert_close(y_dot, y_dot_ref, TOL[torch.float32], "y_dot", seed)
     for name, g, g_ref in zip(DUAL_NAMES, grads, grads_ref):
         checks.assert_close(g, g_ref, GRAD_TOL[torch.float32], f"d{name}", seed)
+    launches = {kind: c.launches for kind, c in counters.items()}
+    assert all(launches.values()) if kernels == "grouped" else not any(launches.values()), launches
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "mixed", "strided"])
