@@ -137,6 +137,91 @@ def _load_film_coefficients(
 
 
 @triton.jit
+def _welford_step(X_ptr, XDot_ptr, offsets, mask, count, x_mean, x_m2, xd_mean, x_xd_c2, HAS_X_DOT: tl.constexpr):
+    """One tile of Welford's update per lane (and its co-moment form for ẋ); returns the five
+    running accumulators (count, mean(x), M2(x), mean(ẋ), C(x, ẋ))."""
+    x = tl.load(X_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    count += tl.where(mask, 1.0, 0.0)
+    inv_count = tl.where(mask, 1.0 / tl.maximum(count, 1.0), 0.0)
+    delta = x - x_mean
+    x_mean += delta * inv_count
+    x_m2 += tl.where(mask, delta * (x - x_mean), 0.0)
+    if HAS_X_DOT:
+        xd = tl.load(XDot_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        xd_mean += (xd - xd_mean) * inv_count
+        x_xd_c2 += tl.where(mask, delta * (xd - xd_mean), 0.0)
+    return count, x_mean, x_m2, xd_mean, x_xd_c2
+
+
+@triton.jit
+def _plain_upstream(X_ptr, DY_ptr, offsets, mask, mean, rstd, coef_a, coef_b, SILU: tl.constexpr):
+    """(n̂, gz) of one tile for the plain backward: gz = dy·silu'(z) (dy without SiLU)."""
+    x = tl.load(X_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    gz = tl.load(DY_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    normed = (x - mean) * rstd
+    if SILU:
+        silu_z, dsilu, unused_d2 = _silu_derivatives(normed * coef_a + coef_b)
+        gz = gz * dsilu
+    return normed, gz
+
+
+@triton.jit
+def _dual_apply(X_ptr, XDot_ptr, Y_ptr, YDot_ptr, offsets, mask, mean, rstd, xd_mean, xd_proj,
+                coef_a, coef_b, w, b, sd, td, HAS_X_DOT: tl.constexpr, SILU: tl.constexpr):
+    """Write one tile of (y, ẏ): z = n̂·A + B, ż = ṅ·A + a·ṡ + ṫ, y = silu(z), ẏ = silu'(z)·ż."""
+    x = tl.load(X_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    normed = (x - mean) * rstd
+    z = normed * coef_a + coef_b
+    z_dot = (normed * w + b) * sd + td
+    if HAS_X_DOT:
+        xd = tl.load(XDot_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        z_dot += rstd * (xd - xd_mean - normed * xd_proj) * coef_a
+    if SILU:
+        y, dsilu, unused_d2 = _silu_derivatives(z)
+        z = y
+        z_dot = z_dot * dsilu
+    tl.store(Y_ptr + offsets, z.to(Y_ptr.dtype.element_ty), mask=mask)
+    tl.store(YDot_ptr + offsets, z_dot.to(YDot_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _store_plain_param_grads(DShift_ptr, DScale_ptr, DWeightPartial_ptr, DBiasPartial_ptr, nc_offsets, c_mask,
+                             s1, s2, w, b, s):
+    """dshift = S1, dscale = γ·S2 + β·S1, dweight_n = (1 + s)·S2, dbias_n = (1 + s)·S1 per (n, c)."""
+    tl.store(DShift_ptr + nc_offsets, s1, mask=c_mask)
+    tl.store(DScale_ptr + nc_offsets, w * s2 + b * s1, mask=c_mask)
+    tl.store(DWeightPartial_ptr + nc_offsets, (1.0 + s) * s2, mask=c_mask)
+    tl.store(DBiasPartial_ptr + nc_offsets, (1.0 + s) * s1, mask=c_mask)
+
+
+@triton.jit
+def _store_dual_param_grads(DShift_ptr, DShiftDot_ptr, DScale_ptr, DScaleDot_ptr, DWeightPartial_ptr,
+                            DBiasPartial_ptr, nc_offsets, c_mask, p1, p2, q1, q2, q3, w, b, s, sd):
+    """The dual backward's per-(n, c) parameter grads (formulas in its kernel's docstring)."""
+    tl.store(DShift_ptr + nc_offsets, p1, mask=c_mask)
+    tl.store(DShiftDot_ptr + nc_offsets, q1, mask=c_mask)
+    tl.store(DScale_ptr + nc_offsets, w * (p2 + q3) + b * p1, mask=c_mask)
+    tl.store(DScaleDot_ptr + nc_offsets, w * q2 + b * q1, mask=c_mask)
+    tl.store(DWeightPartial_ptr + nc_offsets, (1.0 + s) * (p2 + q3) + sd * q2, mask=c_mask)
+    tl.store(DBiasPartial_ptr + nc_offsets, (1.0 + s) * p1 + sd * q1, mask=c_mask)
+
+
+@triton.jit
+def _dual_bwd_store_dx(DX_ptr, DXDot_ptr, offsets, mask, normed, xd_centered, gz, gzd, rstd, xd_proj, coef_a, w_sd,
+                       mean_gn, mean_gn_n, mean_gnd, mean_gnd_n, normed_coef, NEEDS_GRAD_X_DOT: tl.constexpr):
+    """Write one tile of dx (and dẋ) of the dual backward from the group means of its first pass."""
+    grad_normed = gz * coef_a + gzd * w_sd
+    grad_normed_dot = gzd * coef_a
+    dx = rstd * (grad_normed - mean_gn - normed * mean_gn_n) - rstd * rstd * (
+        normed * normed_coef + xd_centered * mean_gnd_n + xd_proj * (grad_normed_dot - mean_gnd)
+    )
+    tl.store(DX_ptr + offsets, dx.to(DX_ptr.dtype.element_ty), mask=mask)
+    if NEEDS_GRAD_X_DOT:
+        dxd = rstd * (grad_normed_dot - mean_gnd - normed * mean_gnd_n)
+        tl.store(DXDot_ptr + offsets, dxd.to(DXDot_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _group_moments(
     X_ptr,
     XDot_ptr,
@@ -172,16 +257,9 @@ def _group_moments(
             positions = hw0 + hw_range
             mask = (channels < CPG)[:, None] & (positions < HW)[None, :]
             offsets = group_start + channels[:, None] * Stride_c + positions[None, :] * Stride_hw
-            x = tl.load(X_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-            count += tl.where(mask, 1.0, 0.0)
-            inv_count = tl.where(mask, 1.0 / tl.maximum(count, 1.0), 0.0)
-            delta = x - x_mean
-            x_mean += delta * inv_count
-            x_m2 += tl.where(mask, delta * (x - x_mean), 0.0)
-            if HAS_X_DOT:
-                xd = tl.load(XDot_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-                xd_mean += (xd - xd_mean) * inv_count
-                x_xd_c2 += tl.where(mask, delta * (xd - xd_mean), 0.0)
+            count, x_mean, x_m2, xd_mean, x_xd_c2 = _welford_step(
+                X_ptr, XDot_ptr, offsets, mask, count, x_mean, x_m2, xd_mean, x_xd_c2, HAS_X_DOT
+            )
     group_size = CPG * HW
     mean = tl.sum(count * x_mean, axis=None) / group_size
     x_shift = x_mean - mean
@@ -340,21 +418,13 @@ def _gn_film_silu_bwd_kernel(
             positions = hw0 + hw_range
             mask = c_mask[:, None] & (positions < HW)[None, :]
             offsets = group_start + channels[:, None] * Stride_c + positions[None, :] * Stride_hw
-            x = tl.load(X_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-            gz = tl.load(DY_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-            normed = (x - mean) * rstd
-            if SILU:
-                silu_z, dsilu, unused_d2 = _silu_derivatives(normed * coef_a[:, None] + coef_b[:, None])
-                gz = gz * dsilu
+            normed, gz = _plain_upstream(X_ptr, DY_ptr, offsets, mask, mean, rstd, coef_a[:, None], coef_b[:, None], SILU)
             acc_gz += gz
             acc_gz_n += gz * normed
         s1 = tl.sum(acc_gz, axis=1)
         s2 = tl.sum(acc_gz_n, axis=1)
-        nc_offsets = n * C + g * CPG + channels
-        tl.store(DShift_ptr + nc_offsets, s1, mask=c_mask)
-        tl.store(DScale_ptr + nc_offsets, w * s2 + b * s1, mask=c_mask)
-        tl.store(DWeightPartial_ptr + nc_offsets, (1.0 + s) * s2, mask=c_mask)
-        tl.store(DBiasPartial_ptr + nc_offsets, (1.0 + s) * s1, mask=c_mask)
+        _store_plain_param_grads(DShift_ptr, DScale_ptr, DWeightPartial_ptr, DBiasPartial_ptr,
+                                 n * C + g * CPG + channels, c_mask, s1, s2, w, b, s)
         group_a_s1 += tl.where(c_mask, coef_a * s1, 0.0)
         group_a_s2 += tl.where(c_mask, coef_a * s2, 0.0)
     group_size = CPG * HW
@@ -375,12 +445,7 @@ def _gn_film_silu_bwd_kernel(
             positions = hw0 + hw_range
             mask = c_mask[:, None] & (positions < HW)[None, :]
             offsets = group_start + channels[:, None] * Stride_c + positions[None, :] * Stride_hw
-            x = tl.load(X_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-            gz = tl.load(DY_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-            normed = (x - mean) * rstd
-            if SILU:
-                silu_z, dsilu, unused_d2 = _silu_derivatives(normed * coef_a + coef_b)
-                gz = gz * dsilu
+            normed, gz = _plain_upstream(X_ptr, DY_ptr, offsets, mask, mean, rstd, coef_a, coef_b, SILU)
             dx = rstd * (gz * coef_a - mean_gn - normed * mean_gn_n)
             tl.store(DX_ptr + offsets, dx.to(DX_ptr.dtype.element_ty), mask=mask)
 
@@ -463,19 +528,8 @@ def _gn_film_silu_dual_kernel(
             positions = hw0 + hw_range
             mask = c_mask[:, None] & (positions < HW)[None, :]
             offsets = group_start + channels[:, None] * Stride_c + positions[None, :] * Stride_hw
-            x = tl.load(X_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-            normed = (x - mean) * rstd
-            z = normed * coef_a + coef_b
-            z_dot = (normed * w2 + b2) * sd2 + td2
-            if HAS_X_DOT:
-                xd = tl.load(XDot_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-                z_dot += rstd * (xd - xd_mean - normed * xd_proj) * coef_a
-            if SILU:
-                y, dsilu, unused_d2 = _silu_derivatives(z)
-                z = y
-                z_dot = z_dot * dsilu
-            tl.store(Y_ptr + offsets, z.to(Y_ptr.dtype.element_ty), mask=mask)
-            tl.store(YDot_ptr + offsets, z_dot.to(YDot_ptr.dtype.element_ty), mask=mask)
+            _dual_apply(X_ptr, XDot_ptr, Y_ptr, YDot_ptr, offsets, mask, mean, rstd, xd_mean, xd_proj,
+                        coef_a, coef_b, w2, b2, sd2, td2, HAS_X_DOT, SILU)
 
 
 @triton.jit
@@ -648,13 +702,8 @@ def _gn_film_silu_dual_bwd_kernel(
         q2 = tl.sum(acc_q2, axis=1)
         q4 = tl.sum(acc_q4, axis=1)
         q3 = rstd * (q4 - xd_proj * q2)
-        nc_offsets = n * C + g * CPG + channels
-        tl.store(DShift_ptr + nc_offsets, p1, mask=c_mask)
-        tl.store(DShiftDot_ptr + nc_offsets, q1, mask=c_mask)
-        tl.store(DScale_ptr + nc_offsets, w * (p2 + q3) + b * p1, mask=c_mask)
-        tl.store(DScaleDot_ptr + nc_offsets, w * q2 + b * q1, mask=c_mask)
-        tl.store(DWeightPartial_ptr + nc_offsets, (1.0 + s) * (p2 + q3) + sd * q2, mask=c_mask)
-        tl.store(DBiasPartial_ptr + nc_offsets, (1.0 + s) * p1 + sd * q1, mask=c_mask)
+        _store_dual_param_grads(DShift_ptr, DShiftDot_ptr, DScale_ptr, DScaleDot_ptr, DWeightPartial_ptr,
+                                DBiasPartial_ptr, n * C + g * CPG + channels, c_mask, p1, p2, q1, q2, q3, w, b, s, sd)
         sum_gn += tl.where(c_mask, coef_a * p1 + w * sd * q1, 0.0)
         sum_gn_n += tl.where(c_mask, coef_a * p2 + w * sd * q2, 0.0)
         sum_gnd += tl.where(c_mask, coef_a * q1, 0.0)
@@ -688,15 +737,8 @@ def _gn_film_silu_dual_bwd_kernel(
                 coef_a, coef_b, w[:, None], b[:, None], sd[:, None], td[:, None],
                 HAS_X_DOT, HAS_GRAD_Y, HAS_GRAD_Y_DOT, SILU, BLOCK_C, BLOCK_HW,
             )
-            grad_normed = gz * coef_a + gzd * w_sd
-            grad_normed_dot = gzd * coef_a
-            dx = rstd * (grad_normed - mean_gn - normed * mean_gn_n) - rstd * rstd * (
-                normed * normed_coef + xd_centered * mean_gnd_n + xd_proj * (grad_normed_dot - mean_gnd)
-            )
-            tl.store(DX_ptr + offsets, dx.to(DX_ptr.dtype.element_ty), mask=mask)
-            if NEEDS_GRAD_X_DOT:
-                dxd = rstd * (grad_normed_dot - mean_gnd - normed * mean_gnd_n)
-                tl.store(DXDot_ptr + offsets, dxd.to(DXDot_ptr.dtype.element_ty), mask=mask)
+            _dual_bwd_store_dx(DX_ptr, DXDot_ptr, offsets, mask, normed, xd_centered, gz, gzd, rstd, xd_proj,
+                               coef_a, w_sd, mean_gn, mean_gn_n, mean_gnd, mean_gnd_n, normed_coef, NEEDS_GRAD_X_DOT)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -760,16 +802,9 @@ def _cl_group_moments(
         positions = hw0 + hw_range
         mask = (positions < HW)[:, None] & c_mask[None, :]
         offsets = base + positions[:, None] * C + channels[None, :]
-        x = tl.load(X_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        count += tl.where(mask, 1.0, 0.0)
-        inv_count = tl.where(mask, 1.0 / tl.maximum(count, 1.0), 0.0)
-        delta = x - x_mean
-        x_mean += delta * inv_count
-        x_m2 += tl.where(mask, delta * (x - x_mean), 0.0)
-        if HAS_X_DOT:
-            xd = tl.load(XDot_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-            xd_mean += (xd - xd_mean) * inv_count
-            x_xd_c2 += tl.where(mask, delta * (xd - xd_mean), 0.0)
+        count, x_mean, x_m2, xd_mean, x_xd_c2 = _welford_step(
+            X_ptr, XDot_ptr, offsets, mask, count, x_mean, x_m2, xd_mean, x_xd_c2, HAS_X_DOT
+        )
     group_size = CPG * HW
     mean = _to_channels(_to_groups(tl.sum(count * x_mean, axis=0), onehot) / group_size, onehot)
     x_shift = x_mean - mean[None, :]
@@ -852,21 +887,13 @@ def _gn_film_silu_cl_bwd_kernel(
         positions = hw0 + hw_range
         mask = (positions < HW)[:, None] & c_mask[None, :]
         offsets = base + positions[:, None] * C + channels[None, :]
-        x = tl.load(X_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        gz = tl.load(DY_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        normed = (x - mean) * rstd
-        if SILU:
-            silu_z, dsilu, unused_d2 = _silu_derivatives(normed * coef_a[None, :] + coef_b[None, :])
-            gz = gz * dsilu
+        normed, gz = _plain_upstream(X_ptr, DY_ptr, offsets, mask, mean, rstd, coef_a[None, :], coef_b[None, :], SILU)
         acc_gz += gz
         acc_gz_n += tl.where(mask, gz * normed, 0.0)
     s1 = tl.sum(acc_gz, axis=0)
     s2 = tl.sum(acc_gz_n, axis=0)
-    nc_offsets = n * C + channels
-    tl.store(DShift_ptr + nc_offsets, s1, mask=c_mask)
-    tl.store(DScale_ptr + nc_offsets, w * s2 + b * s1, mask=c_mask)
-    tl.store(DWeightPartial_ptr + nc_offsets, (1.0 + s) * s2, mask=c_mask)
-    tl.store(DBiasPartial_ptr + nc_offsets, (1.0 + s) * s1, mask=c_mask)
+    _store_plain_param_grads(DShift_ptr, DScale_ptr, DWeightPartial_ptr, DBiasPartial_ptr,
+                             n * C + channels, c_mask, s1, s2, w, b, s)
     group_size = CPG * HW
     mean_gn = _to_channels(_to_groups(coef_a * s1, onehot) / group_size, onehot)[None, :]
     mean_gn_n = _to_channels(_to_groups(coef_a * s2, onehot) / group_size, onehot)[None, :]
@@ -874,12 +901,7 @@ def _gn_film_silu_cl_bwd_kernel(
         positions = hw0 + hw_range
         mask = (positions < HW)[:, None] & c_mask[None, :]
         offsets = base + positions[:, None] * C + channels[None, :]
-        x = tl.load(X_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        gz = tl.load(DY_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        normed = (x - mean) * rstd
-        if SILU:
-            silu_z, dsilu, unused_d2 = _silu_derivatives(normed * coef_a[None, :] + coef_b[None, :])
-            gz = gz * dsilu
+        normed, gz = _plain_upstream(X_ptr, DY_ptr, offsets, mask, mean, rstd, coef_a[None, :], coef_b[None, :], SILU)
         dx = rstd * (gz * coef_a[None, :] - mean_gn - normed * mean_gn_n)
         tl.store(DX_ptr + offsets, dx.to(DX_ptr.dtype.element_ty), mask=mask)
 
@@ -918,19 +940,8 @@ def _gn_film_silu_cl_dual_kernel(
         positions = hw0 + hw_range
         mask = (positions < HW)[:, None] & c_mask[None, :]
         offsets = base + positions[:, None] * C + channels[None, :]
-        x = tl.load(X_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        normed = (x - mean2) * rstd2
-        z = normed * coef_a + coef_b
-        z_dot = (normed * w[None, :] + b[None, :]) * sd[None, :] + td[None, :]
-        if HAS_X_DOT:
-            xd = tl.load(XDot_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-            z_dot += rstd2 * (xd - xd_mean2 - normed * xd_proj2) * coef_a
-        if SILU:
-            y, dsilu, unused_d2 = _silu_derivatives(z)
-            z = y
-            z_dot = z_dot * dsilu
-        tl.store(Y_ptr + offsets, z.to(Y_ptr.dtype.element_ty), mask=mask)
-        tl.store(YDot_ptr + offsets, z_dot.to(YDot_ptr.dtype.element_ty), mask=mask)
+        _dual_apply(X_ptr, XDot_ptr, Y_ptr, YDot_ptr, offsets, mask, mean2, rstd2, xd_mean2, xd_proj2,
+                    coef_a, coef_b, w[None, :], b[None, :], sd[None, :], td[None, :], HAS_X_DOT, SILU)
 
 
 @triton.jit
@@ -985,13 +996,8 @@ def _gn_film_silu_cl_dual_bwd_kernel(
     q2 = tl.sum(acc_q2, axis=0)
     q4 = tl.sum(acc_q4, axis=0)
     q3 = rstd * (q4 - xd_proj * q2)
-    nc_offsets = n * C + channels
-    tl.store(DShift_ptr + nc_offsets, p1, mask=c_mask)
-    tl.store(DShiftDot_ptr + nc_offsets, q1, mask=c_mask)
-    tl.store(DScale_ptr + nc_offsets, w * (p2 + q3) + b * p1, mask=c_mask)
-    tl.store(DScaleDot_ptr + nc_offsets, w * q2 + b * q1, mask=c_mask)
-    tl.store(DWeightPartial_ptr + nc_offsets, (1.0 + s) * (p2 + q3) + sd * q2, mask=c_mask)
-    tl.store(DBiasPartial_ptr + nc_offsets, (1.0 + s) * p1 + sd * q1, mask=c_mask)
+    _store_dual_param_grads(DShift_ptr, DShiftDot_ptr, DScale_ptr, DScaleDot_ptr, DWeightPartial_ptr,
+                            DBiasPartial_ptr, n * C + channels, c_mask, p1, p2, q1, q2, q3, w, b, s, sd)
     group_size = CPG * HW
     mean_gn = _to_channels(_to_groups(coef_a * p1 + w * sd * q1, onehot) / group_size, onehot)[None, :]
     mean_gn_n = _to_channels(_to_groups(coef_a * p2 + w * sd * q2, onehot) / group_size, onehot)[None, :]
@@ -1010,15 +1016,8 @@ def _gn_film_silu_cl_dual_bwd_kernel(
             xd_mean[None, :], xd_proj2, coef_a2, coef_b[None, :], w[None, :], b[None, :],
             sd[None, :], td[None, :], HAS_X_DOT, HAS_GRAD_Y, HAS_GRAD_Y_DOT, SILU, BLOCK_HW, BLOCK_CH,
         )
-        grad_normed = gz * coef_a2 + gzd * w_sd
-        grad_normed_dot = gzd * coef_a2
-        dx = rstd2 * (grad_normed - mean_gn - normed * mean_gn_n) - rstd2 * rstd2 * (
-            normed * normed_coef + xd_centered * mean_gnd_n + xd_proj2 * (grad_normed_dot - mean_gnd)
-        )
-        tl.store(DX_ptr + offsets, dx.to(DX_ptr.dtype.element_ty), mask=mask)
-        if NEEDS_GRAD_X_DOT:
-            dxd = rstd2 * (grad_normed_dot - mean_gnd - normed * mean_gnd_n)
-            tl.store(DXDot_ptr + offsets, dxd.to(DXDot_ptr.dtype.element_ty), mask=mask)
+        _dual_bwd_store_dx(DX_ptr, DXDot_ptr, offsets, mask, normed, xd_centered, gz, gzd, rstd2, xd_proj2,
+                           coef_a2, w_sd, mean_gn, mean_gn_n, mean_gnd, mean_gnd_n, normed_coef, NEEDS_GRAD_X_DOT)
 
 
 _KERNELS = {
