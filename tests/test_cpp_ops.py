@@ -459,7 +459,12 @@ def _fused_loss(gn_plain, gn_dual, attn_plain, attn_dual, gn_inp, attn_inp, grou
 @pytest.mark.compile
 @pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
 def test_torch_compile_fullgraph(backend, seed):
-    """All four ops trace without graph breaks (fake + autograd registrations) and match eager."""
+    """All four ops trace without graph breaks (fake + autograd registrations) and match eager
+    (1e-5); eager matches the reference computed in float64. This chained loss is ill-conditioned
+    at some seeds (softmax rows at P = 0.9995 over GN outputs): over 300 seeds the float32
+    reference's own loss error reached 3.6e-5 relative (so it is no yardstick here) and the fused
+    ops' gradients 4.4e-4 relative to max |g| (median 1.5e-6; dq through the dual attention
+    backward, whose rearranged formulas cancel more than autograd's 6e-5 there), hence 2e-3."""
     torch._dynamo.reset()
     shape, groups = (2, 8, 3, 3), 2
     gn_inp = _gn_inputs(seed, shape, torch.float32)
@@ -468,18 +473,24 @@ def test_torch_compile_fullgraph(backend, seed):
     args = [gn_inp[n] for n in names] + [attn_inp["q"]]
     fused = _fused_loss(cpu.gn_film_silu_cpp, cpu.gn_film_silu_dual_cpp, cpu.attention_cpp,
                         cpu.attention_dual_cpp, gn_inp, attn_inp, groups)
+    gn64, attn64 = ({k: v.double() for k, v in d.items()} for d in (gn_inp, attn_inp))
     reference = _fused_loss(gn_film_silu_reference, gn_film_silu_dual_reference, attention_reference,
-                            attention_dual_reference, gn_inp, attn_inp, groups)
+                            attention_dual_reference, gn64, attn64, groups)
     compiled = torch.compile(fused, backend=backend, fullgraph=True)
-    leaves = [checks.leaf(t) for t in args]
-    loss = compiled(*leaves)
-    grads = torch.autograd.grad(loss, leaves)
-    leaves_ref = [checks.leaf(t) for t in args]
-    loss_ref = reference(*leaves_ref)
-    grads_ref = torch.autograd.grad(loss_ref, leaves_ref)
-    checks.assert_close(loss, loss_ref, TOL[torch.float32], "loss", seed)
-    for name, g, g_ref in zip(names + ("q",), grads, grads_ref):
-        checks.assert_close(g, g_ref, GRAD_TOL[torch.float32], f"d{name}", seed)
+
+    def loss_and_grads(fn, inputs):
+        leaves = [checks.leaf(t) for t in inputs]
+        loss = fn(*leaves)
+        return loss, torch.autograd.grad(loss, leaves)
+
+    loss, grads = loss_and_grads(compiled, args)
+    loss_eager, grads_eager = loss_and_grads(fused, args)
+    loss_ref, grads_ref = loss_and_grads(reference, [t.double() for t in args])
+    checks.assert_close(loss, loss_eager, 1e-5, "loss (compiled vs eager)", seed)
+    checks.assert_close(loss_eager, loss_ref.float(), TOL[torch.float32], "loss", seed)
+    for name, g, g_eager, g_ref in zip(names + ("q",), grads, grads_eager, grads_ref):
+        checks.assert_close(g, g_eager, 1e-5, f"d{name} (compiled vs eager)", seed)
+        checks.assert_close(g_eager, g_ref.float(), 2e-3, f"d{name}", seed)
 
 
 @pytest.mark.slow
