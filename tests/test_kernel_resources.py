@@ -32,12 +32,15 @@ def run_report(tmp_path: Path, *args: str, timeout: int = 1200) -> dict:
 
 def test_shipped_fmm_step_kernels_fit_sm90(tmp_path):
     """configs/fmm.yaml's step (bf16 autocast, dual derivative): every GroupNorm and attention
-    kernel, forward, backward, dual and dual backward, at the real shapes."""
-    report = run_report(tmp_path, "--cases", "fmm_dual", "--precision", "bf16")
+    kernel, forward, backward, dual and dual backward, at the real shapes, NCHW and (the grouped
+    GroupNorm kernels) channels_last."""
+    report = run_report(tmp_path, "--cases", "fmm_dual", "--precision", "bf16", "--layouts", "nchw,channels_last")
     kernels = {r["kernel"] for r in report["records"]}
     assert {"_gn_film_silu_fwd_kernel", "_gn_film_silu_bwd_kernel", "_gn_film_silu_dual_kernel",
             "_gn_film_silu_dual_bwd_kernel", "_attention_dual_kernel", "_attention_dual_bwd_dkdv_kernel",
             "_attention_dual_bwd_dq_kernel", "_attention_bwd_preprocess_kernel"} <= kernels
+    assert {"_gn_film_silu_cl_fwd_kernel", "_gn_film_silu_cl_bwd_kernel", "_gn_film_silu_cl_dual_kernel",
+            "_gn_film_silu_cl_dual_bwd_kernel"} <= kernels
     # The UNet's attention runs at head dims 64 (16x16) and 128 (8x8).
     head_dims = {r["constexprs"].get("HEAD_DIM") for r in report["records"] if r["kernel"] == "_attention_dual_kernel"}
     assert head_dims == {64, 128}
