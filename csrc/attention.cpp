@@ -135,8 +135,12 @@ FASTFLOW_INLINE void softmax_dual_rows(T* s, T* sd, int64_t rows, int64_t cols, 
 // Dual backward, per row, given P (from S and lse), Ṡ, gP = gO·Vᵀ + gȮ·V̇ᵀ and gṖ = gȮ·Vᵀ:
 //   μ = Σ P Ṡ,  a = Σ gṖ P
 //   gṠ = P ⊙ (gṖ − a)                                   (softmax Jacobian applied to gṖ)
-//   gP ← gP + gṖ ⊙ (Ṡ − μ) − a·Ṡ                        (Ṗ's dependence on P)
+//   gP ← gP + (gṖ − a) ⊙ (Ṡ − μ)                         (Ṗ's dependence on P)
 //   gS = P ⊙ (gP − Σ gP P),  Ṗ = P ⊙ (Ṡ − μ)
+// Ṗ's P-derivative gives gṖ ⊙ (Ṡ − μ) − a·Ṡ; that differs from the centred form above by the
+// per-row constant a·μ, which the softmax Jacobian (− Σ gP P) removes. The centred form is the
+// one to compute: both factors vanish at a dominant entry (P → 1), so a peaked row no longer
+// subtracts two large numbers (dq error 5.1e-4 → Triton's level at such rows, float32).
 // In place: s: S → P, sd: Ṡ → Ṗ, gp: gP → gS, gpd: gṖ → gṠ.
 template <typename T>
 FASTFLOW_INLINE void softmax_dual_bwd_rows(T* s, T* sd, T* gp, T* gpd, int64_t rows, int64_t cols,
@@ -163,7 +167,7 @@ FASTFLOW_INLINE void softmax_dual_bwd_rows(T* s, T* sd, T* gp, T* gpd, int64_t r
       const V p = VT::load(sr + i, cnt);
       const V sdv = VT::load(sdr + i, cnt);
       const V gpdv = VT::load(gpdr + i, cnt);
-      const V gpv = VT::load(gpr + i, cnt) + gpdv * (sdv - mu) - sdv * a;
+      const V gpv = VT::load(gpr + i, cnt) + (gpdv - a) * (sdv - mu);
       VT::store(gpr + i, gpv, cnt);
       VT::store(gpdr + i, p * (gpdv - a), cnt);
       VT::store(sdr + i, p * (sdv - mu), cnt);

@@ -386,6 +386,33 @@ def test_attention_lower_precision(dtype, seed):
     _check_attention(seed, _attn_inputs(seed, (2, 2, 100, 32), dtype), dtype)
 
 
+def test_attention_dual_grads_float32_peaked_softmax():
+    """float32 dual attention backward on rows where one key takes almost all the weight: every
+    gradient within 2e-4 of max |g| of the float64 reference. The inputs are the attention of
+    test_torch_compile_fullgraph's chained loss at the seed that exposed it (queries against GN
+    outputs, max P = 0.9995): a fixed regression case, as random draws hit such rows rarely. The
+    P-term of the dual backward written uncentred (gṖ⊙(Ṡ − μ) − a·Ṡ, equal after the softmax
+    Jacobian) cancels two large numbers there: dq was off by 5.1e-4 (now 6.5e-6; worst term 8.3e-5)."""
+    seed = 1769135365
+    gn_inp = _gn_inputs(seed, (2, 8, 3, 3), torch.float64)
+    attn_inp = _attn_inputs(seed, (2, 1, 5, 8), torch.float64)
+    y = gn_film_silu_reference(gn_inp["x"], gn_inp["weight"], gn_inp["bias"], gn_inp["scale"], gn_inp["shift"],
+                               2, EPS, True)
+    y2, y2_dot = gn_film_silu_dual_reference(y, gn_inp["x_dot"], gn_inp["weight"], None, gn_inp["scale"],
+                                             gn_inp["scale_dot"], None, None, 2, EPS, False)
+    seq, seq_dot = (t.flatten(2).transpose(1, 2).unsqueeze(1).contiguous() for t in (y2, y2_dot))
+    inputs = (attn_inp["q"], attn_inp["q_dot"], seq, seq_dot, seq.clone(), seq_dot.clone())
+
+    def grads(fn, dtype):
+        leaves = [t.to(dtype).requires_grad_() for t in inputs]
+        o, o_dot = fn(*leaves)
+        return torch.autograd.grad((o * o_dot).sum(), leaves)
+
+    for name, g, g_ref in zip(ATTN_NAMES, grads(cpu.attention_dual_cpp, torch.float32),
+                              grads(attention_dual_reference, torch.float64)):
+        checks.assert_close(g, g_ref.float(), 2e-4, f"d{name}", seed)
+
+
 def test_attention_dual_without_tangents_returns_none(seed):
     inp = _attn_inputs(seed, (1, 2, 48, 16), torch.float64)
     o, o_dot = cpu.attention_dual_cpp(inp["q"], None, inp["k"], None, inp["v"], None)
@@ -461,11 +488,10 @@ def _fused_loss(gn_plain, gn_dual, attn_plain, attn_dual, gn_inp, attn_inp, grou
 def test_torch_compile_fullgraph(backend, seed):
     """All four ops trace without graph breaks (fake + autograd registrations) and match eager
     (1e-5); eager matches the reference computed in float64. This chained loss is ill-conditioned
-    at some seeds (softmax rows at P = 0.9995 over GN outputs): over 300 seeds the float32
-    reference's own loss error reached 3.6e-5 relative (so it is no yardstick here) and the fused
-    ops' gradients 4.4e-4 relative to max |g| (median 1.5e-6; dq through the attention backward,
-    which recomputes P = exp(S − lse) from a float32 lse as FlashAttention does: the same backward
-    written in float32 torch has 5x autograd's error at such rows), hence 2e-3."""
+    at some seeds (softmax rows at P = 0.9995 over GN outputs), where the float32 reference's own
+    loss error reached 3.6e-5 relative (so it is no yardstick here). Over 200 seeds the fused ops'
+    gradients stayed within 7e-5 of max |g| (median 1.6e-6; 4.4e-4 before the dual attention
+    backward computed its P-term in centred form, csrc/attention.cpp), hence 5e-4."""
     torch._dynamo.reset()
     shape, groups = (2, 8, 3, 3), 2
     gn_inp = _gn_inputs(seed, shape, torch.float32)
@@ -491,7 +517,7 @@ def test_torch_compile_fullgraph(backend, seed):
     checks.assert_close(loss_eager, loss_ref.float(), TOL[torch.float32], "loss", seed)
     for name, g, g_eager, g_ref in zip(names + ("q",), grads, grads_eager, grads_ref):
         checks.assert_close(g, g_eager, 1e-5, f"d{name} (compiled vs eager)", seed)
-        checks.assert_close(g_eager, g_ref.float(), 2e-3, f"d{name}", seed)
+        checks.assert_close(g_eager, g_ref.float(), 5e-4, f"d{name}", seed)
 
 
 @pytest.mark.slow
