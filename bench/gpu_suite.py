@@ -521,10 +521,9 @@ def _gn_micro(ctx: Ctx, shape: Tuple[int, int, int, int], channels_last: bool = 
     def fused(x, weight, bias, scale, shift):
         return ops.gn_film_silu(x, weight, bias, scale, shift, groups=groups, eps=1e-5, silu=True, fused=True)
 
-    impls = {"fused": fused, "compiled_reference": _compiled(ctx, reference), "eager_native": native,
-             "eager_reference": reference}
-    if channels_last:
-        impls = {"fused": fused}
+    impls = {"fused": fused} if channels_last else {
+        "fused": fused, "compiled_reference": _compiled(ctx, reference), "eager_native": native,
+        "eager_reference": reference}
     elem = x.element_size() * x.numel()
     for pass_ in ("fwd", "fwd_bwd"):
         for label, impl in impls.items():

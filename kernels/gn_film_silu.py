@@ -771,6 +771,13 @@ def _cl_program(C, HW, G, CPG, GPP, BLOCK_CH: tl.constexpr, BLOCK_G: tl.constexp
 
 
 @triton.jit
+def _cl_tile(base, positions, channels, c_mask, C, HW):
+    """(mask, element offsets) of the (positions, channels) tile of a channels_last sample."""
+    mask = (positions < HW)[:, None] & c_mask[None, :]
+    return mask, base + positions[:, None] * C + channels[None, :]
+
+
+@triton.jit
 def _to_groups(v, onehot):
     """Per-channel values (BLOCK_CH,) → their per-group sums (BLOCK_G,)."""
     return tl.sum(tl.where(onehot, v[:, None], 0.0), axis=0)
@@ -799,9 +806,7 @@ def _cl_group_moments(
     xd_mean = tl.full([BLOCK_HW, BLOCK_CH], 0.0, tl.float32)
     x_xd_c2 = tl.full([BLOCK_HW, BLOCK_CH], 0.0, tl.float32)
     for hw0 in range(0, HW, BLOCK_HW):
-        positions = hw0 + hw_range
-        mask = (positions < HW)[:, None] & c_mask[None, :]
-        offsets = base + positions[:, None] * C + channels[None, :]
+        mask, offsets = _cl_tile(base, hw0 + hw_range, channels, c_mask, C, HW)
         count, x_mean, x_m2, xd_mean, x_xd_c2 = _welford_step(
             X_ptr, XDot_ptr, offsets, mask, count, x_mean, x_m2, xd_mean, x_xd_c2, HAS_X_DOT
         )
@@ -851,9 +856,7 @@ def _gn_film_silu_cl_fwd_kernel(
     mean2 = mean[None, :]
     hw_range = tl.arange(0, BLOCK_HW)
     for hw0 in range(0, HW, BLOCK_HW):
-        positions = hw0 + hw_range
-        mask = (positions < HW)[:, None] & c_mask[None, :]
-        offsets = base + positions[:, None] * C + channels[None, :]
+        mask, offsets = _cl_tile(base, hw0 + hw_range, channels, c_mask, C, HW)
         x = tl.load(X_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         z = (x - mean2) * coef_a + coef_b
         if SILU:
@@ -884,9 +887,7 @@ def _gn_film_silu_cl_bwd_kernel(
     acc_gz = tl.full([BLOCK_HW, BLOCK_CH], 0.0, tl.float32)
     acc_gz_n = tl.full([BLOCK_HW, BLOCK_CH], 0.0, tl.float32)
     for hw0 in range(0, HW, BLOCK_HW):
-        positions = hw0 + hw_range
-        mask = (positions < HW)[:, None] & c_mask[None, :]
-        offsets = base + positions[:, None] * C + channels[None, :]
+        mask, offsets = _cl_tile(base, hw0 + hw_range, channels, c_mask, C, HW)
         normed, gz = _plain_upstream(X_ptr, DY_ptr, offsets, mask, mean, rstd, coef_a[None, :], coef_b[None, :], SILU)
         acc_gz += gz
         acc_gz_n += tl.where(mask, gz * normed, 0.0)
@@ -898,9 +899,7 @@ def _gn_film_silu_cl_bwd_kernel(
     mean_gn = _to_channels(_to_groups(coef_a * s1, onehot) / group_size, onehot)[None, :]
     mean_gn_n = _to_channels(_to_groups(coef_a * s2, onehot) / group_size, onehot)[None, :]
     for hw0 in range(0, HW, BLOCK_HW):
-        positions = hw0 + hw_range
-        mask = (positions < HW)[:, None] & c_mask[None, :]
-        offsets = base + positions[:, None] * C + channels[None, :]
+        mask, offsets = _cl_tile(base, hw0 + hw_range, channels, c_mask, C, HW)
         normed, gz = _plain_upstream(X_ptr, DY_ptr, offsets, mask, mean, rstd, coef_a[None, :], coef_b[None, :], SILU)
         dx = rstd * (gz * coef_a[None, :] - mean_gn - normed * mean_gn_n)
         tl.store(DX_ptr + offsets, dx.to(DX_ptr.dtype.element_ty), mask=mask)
@@ -937,9 +936,7 @@ def _gn_film_silu_cl_dual_kernel(
     mean2, rstd2, xd_mean2, xd_proj2 = mean[None, :], rstd[None, :], xd_mean[None, :], xd_proj[None, :]
     hw_range = tl.arange(0, BLOCK_HW)
     for hw0 in range(0, HW, BLOCK_HW):
-        positions = hw0 + hw_range
-        mask = (positions < HW)[:, None] & c_mask[None, :]
-        offsets = base + positions[:, None] * C + channels[None, :]
+        mask, offsets = _cl_tile(base, hw0 + hw_range, channels, c_mask, C, HW)
         _dual_apply(X_ptr, XDot_ptr, Y_ptr, YDot_ptr, offsets, mask, mean2, rstd2, xd_mean2, xd_proj2,
                     coef_a, coef_b, w[None, :], b[None, :], sd[None, :], td[None, :], HAS_X_DOT, SILU)
 
@@ -977,9 +974,7 @@ def _gn_film_silu_cl_dual_bwd_kernel(
     acc_q2 = tl.full([BLOCK_HW, BLOCK_CH], 0.0, tl.float32)
     acc_q4 = tl.full([BLOCK_HW, BLOCK_CH], 0.0, tl.float32)
     for hw0 in range(0, HW, BLOCK_HW):
-        positions = hw0 + hw_range
-        mask = (positions < HW)[:, None] & c_mask[None, :]
-        offsets = base + positions[:, None] * C + channels[None, :]
+        mask, offsets = _cl_tile(base, hw0 + hw_range, channels, c_mask, C, HW)
         normed, xd_centered, gz, gzd = _dual_upstream(
             X_ptr, XDot_ptr, DY_ptr, DYDot_ptr, offsets, mask, mean[None, :], rstd[None, :],
             xd_mean[None, :], xd_proj[None, :], coef_a[None, :], coef_b[None, :], w[None, :], b[None, :],
@@ -1008,9 +1003,7 @@ def _gn_film_silu_cl_dual_bwd_kernel(
     rstd2, xd_proj2 = rstd[None, :], xd_proj[None, :]
     coef_a2, w_sd = coef_a[None, :], (w * sd)[None, :]
     for hw0 in range(0, HW, BLOCK_HW):
-        positions = hw0 + hw_range
-        mask = (positions < HW)[:, None] & c_mask[None, :]
-        offsets = base + positions[:, None] * C + channels[None, :]
+        mask, offsets = _cl_tile(base, hw0 + hw_range, channels, c_mask, C, HW)
         normed, xd_centered, gz, gzd = _dual_upstream(
             X_ptr, XDot_ptr, DY_ptr, DYDot_ptr, offsets, mask, mean[None, :], rstd2,
             xd_mean[None, :], xd_proj2, coef_a2, coef_b[None, :], w[None, :], b[None, :],
@@ -1078,11 +1071,7 @@ def _cl_launch_config(channels_per_group: int, groups: int, hw: int, kind: str) 
     if channels_per_group > tile:
         return None
     per_program = max(1, min(groups, _CL_CHANNELS // channels_per_group))
-    block_ch = triton.next_power_of_2(per_program * channels_per_group)
-    if block_ch > tile:  # CPG not a power of two, just under a tile: one group per program
-        per_program, block_ch = 1, triton.next_power_of_2(channels_per_group)
-        if block_ch > tile:
-            return None
+    block_ch = triton.next_power_of_2(per_program * channels_per_group)  # <= tile: tiles are powers of 2
     block_hw = min(triton.next_power_of_2(max(hw, 1)), max(1, tile // block_ch))
     num_warps = max(1, min(8, (block_ch * block_hw) // 128))
     return per_program, block_hw, block_ch, triton.next_power_of_2(per_program), num_warps

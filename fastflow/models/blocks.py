@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from fastflow import ops
 from fastflow.models import dual as D
+from fastflow.ops.reference import is_channels_last
 
 Dual = Tuple[Tensor, Optional[Tensor]]
 
@@ -158,7 +159,7 @@ class AttentionBlock(nn.Module):
         q, k, v = self._split(qkv)
         q_dot, k_dot, v_dot = self._split(qkv_dot)
         o, o_dot = ops.attention_dual(q, q_dot, k, k_dot, v, v_dot, fused=self.fused_kernels)
-        if _is_channels_last(x):  # heads back into channels in x's layout (one copy either way)
+        if is_channels_last(x):  # heads back into channels in x's layout (one copy either way)
             merge = lambda t: rearrange(t, "b h (x y) d -> b x y (h d)", x=height, y=width).permute(0, 3, 1, 2)  # noqa: E731
         else:
             merge = lambda t: rearrange(t, "b h (x y) d -> b (h d) x y", x=height, y=width)  # noqa: E731
@@ -187,11 +188,6 @@ class Upsample(nn.Module):
     def forward(self, x: Tensor, emb=None, x_dot: Optional[Tensor] = None, emb_dot=None) -> Dual:
         h, h_dot = D.upsample_nearest2x(x, x_dot)
         return D.conv2d(self.conv, h, h_dot)
-
-
-def _is_channels_last(x: Tensor) -> bool:
-    """True for a 4-D tensor laid out channels_last (and not also NCHW-contiguous)."""
-    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
 def _groups(num_groups: int, channels: int) -> int:

@@ -30,6 +30,8 @@ import torch
 import torch.autograd.forward_ad as _fwad
 from torch import Tensor
 
+from fastflow.ops.reference import is_channels_last
+
 __all__ = [
     "is_available",
     "unavailable_reason",
@@ -151,8 +153,7 @@ if is_available():
     def _like(x: Tensor) -> Tensor:
         """x's shape, dtype and layout class: channels_last for a 4-D channels_last x (the C++
         ops return that, csrc/gn_film_silu.cpp ``in_layout_of``), else contiguous."""
-        channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
         return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
 
     def _gn_fwd_fake(x, weight, bias, scale, shift, groups, eps, silu):

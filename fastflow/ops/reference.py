@@ -29,6 +29,12 @@ __all__ = [
 ]
 
 
+def is_channels_last(x: Tensor) -> bool:
+    """A 4-D tensor laid out channels_last (and not also NCHW-contiguous): the layout class every
+    op's output follows (kernels/gn_film_silu.py ``_data_layout`` applies the same test)."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
 def _acc(x: Tensor) -> Tensor:
     """Accumulation dtype: float32 for half types and float32, float64 kept (for tests)."""
     return x if x.dtype == torch.float64 else x.float()
