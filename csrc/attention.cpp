@@ -10,7 +10,8 @@
 // Query rows are processed in blocks of `rows_per_block` (≤ 64): the block's scores live in an
 // O(rows·Lk) buffer, the matrix products go to BLAS (sgemm_ from libtorch_cpu, single-threaded
 // inside the parallel region) and the row-wise softmax work is vectorised here. The backward
-// recomputes P from the saved row log-sum-exp (FlashAttention's recomputation, Dao et al. 2022)
+// recomputes P from the saved row log-sum-exp (FlashAttention's recomputation, Dao et al. 2022),
+// renormalising each row (the rounded lse scales it by 1 + ε; see softmax_bwd_rows),
 // and μ from Ṡ, so only lse (B, H, Lq) is saved. Forward kernels run in parallel over
 // (batch·head, row block); backward kernels over batch·head, because dK, dV accumulate over all
 // query blocks of a head.
@@ -88,7 +89,12 @@ FASTFLOW_INLINE void softmax_fwd_rows(T* s, int64_t rows, int64_t cols, T* lse, 
   for (int64_t r = 0; r < rows; ++r) inv_sum[r] = T(1) / row_exp_sum(s + r * cols, cols, lse + r);
 }
 
-// Backward: S → P = exp(S − lse), dP → dS = P ⊙ (dP − rowsum(P ⊙ dP)).
+// Backward: S → P = exp(S − lse) / Σ exp(S − lse), dP → dS = P ⊙ (dP − rowsum(P ⊙ dP)).
+// The row is renormalised rather than trusting lse: lse = max + log Σ is rounded to ulp(|lse|),
+// which scales the recomputed row by 1 + ε (ε ~ 2e-6 at |S| ~ 20 in float32), and at a peaked
+// row dS's dominant entry is the small difference dP_j − rowsum(P ⊙ dP) of two numbers that carry
+// that ε (dq error 1.3e-5 → 1.1e-6 of max |dq|, autograd's float32 level). The sum is taken in
+// the pass that already reads the row, so it costs one multiply per element.
 template <typename T>
 FASTFLOW_INLINE void softmax_bwd_rows(T* s, T* dp, int64_t rows, int64_t cols, const T* lse) {
   using VT = Vec<T>;
@@ -97,15 +103,20 @@ FASTFLOW_INLINE void softmax_bwd_rows(T* s, T* dp, int64_t rows, int64_t cols, c
     T* sr = s + r * cols;
     T* dpr = dp + r * cols;
     const T l = lse[r];
-    V acc = VT::splat(T(0));
+    V acc = VT::splat(T(0)), acc_p = VT::splat(T(0));
     vec_loop<T>(cols, [&](int64_t i, int64_t cnt) FASTFLOW_LAMBDA {
-      const V p = VT::exp(VT::load(sr + i, cnt) - l);
+      V p = VT::exp(VT::load(sr + i, cnt) - l);
+      if (cnt != VT::W) p *= VT::mask(cnt);
       VT::store(sr + i, p, cnt);
-      acc += p * VT::load(dpr + i, cnt);  // tail: dP lanes are zero-padded
+      acc_p += p;
+      acc += p * VT::load(dpr + i, cnt);
     });
-    const T delta = VT::sum(acc);
+    const T inv = T(1) / VT::sum(acc_p);
+    const T delta = VT::sum(acc) * inv;
     vec_loop<T>(cols, [&](int64_t i, int64_t cnt) FASTFLOW_LAMBDA {
-      VT::store(dpr + i, VT::load(sr + i, cnt) * (VT::load(dpr + i, cnt) - delta), cnt);
+      const V p = VT::load(sr + i, cnt) * inv;
+      VT::store(sr + i, p, cnt);
+      VT::store(dpr + i, p * (VT::load(dpr + i, cnt) - delta), cnt);
     });
   }
 }
@@ -132,7 +143,7 @@ FASTFLOW_INLINE void softmax_dual_rows(T* s, T* sd, int64_t rows, int64_t cols, 
   }
 }
 
-// Dual backward, per row, given P (from S and lse), Ṡ, gP = gO·Vᵀ + gȮ·V̇ᵀ and gṖ = gȮ·Vᵀ:
+// Dual backward, per row, given P (from S and lse, renormalised), Ṡ, gP = gO·Vᵀ + gȮ·V̇ᵀ and gṖ = gȮ·Vᵀ:
 //   μ = Σ P Ṡ,  a = Σ gṖ P
 //   gṠ = P ⊙ (gṖ − a)                                   (softmax Jacobian applied to gṖ)
 //   gP ← gP + (gṖ − a) ⊙ (Ṡ − μ)                         (Ṗ's dependence on P)
@@ -140,7 +151,8 @@ FASTFLOW_INLINE void softmax_dual_rows(T* s, T* sd, int64_t rows, int64_t cols, 
 // Ṗ's P-derivative gives gṖ ⊙ (Ṡ − μ) − a·Ṡ; that differs from the centred form above by the
 // per-row constant a·μ, which the softmax Jacobian (− Σ gP P) removes. The centred form is the
 // one to compute: both factors vanish at a dominant entry (P → 1), so a peaked row no longer
-// subtracts two large numbers (dq error 5.1e-4 → Triton's level at such rows, float32).
+// subtracts two large numbers (float32 dq error 5.1e-4 → 6.5e-6 at such rows; 1.5e-6 with the
+// row renormalised).
 // In place: s: S → P, sd: Ṡ → Ṗ, gp: gP → gS, gpd: gṖ → gṠ.
 template <typename T>
 FASTFLOW_INLINE void softmax_dual_bwd_rows(T* s, T* sd, T* gp, T* gpd, int64_t rows, int64_t cols,
@@ -153,18 +165,21 @@ FASTFLOW_INLINE void softmax_dual_bwd_rows(T* s, T* sd, T* gp, T* gpd, int64_t r
     T* gpr = gp + r * cols;
     T* gpdr = gpd + r * cols;
     const T l = lse[r];
-    V acc_mu = VT::splat(T(0)), acc_a = VT::splat(T(0));
+    V acc_mu = VT::splat(T(0)), acc_a = VT::splat(T(0)), acc_p = VT::splat(T(0));
     vec_loop<T>(cols, [&](int64_t i, int64_t cnt) FASTFLOW_LAMBDA {
       V p = VT::exp(VT::load(sr + i, cnt) - l);
       if (cnt != VT::W) p *= VT::mask(cnt);
       VT::store(sr + i, p, cnt);
+      acc_p += p;
       acc_mu += p * VT::load(sdr + i, cnt);
       acc_a += p * VT::load(gpdr + i, cnt);
     });
-    const T mu = VT::sum(acc_mu), a = VT::sum(acc_a);
+    const T inv = T(1) / VT::sum(acc_p);  // renormalised, as in softmax_bwd_rows
+    const T mu = VT::sum(acc_mu) * inv, a = VT::sum(acc_a) * inv;
     V acc_b = VT::splat(T(0));
     vec_loop<T>(cols, [&](int64_t i, int64_t cnt) FASTFLOW_LAMBDA {
-      const V p = VT::load(sr + i, cnt);
+      const V p = VT::load(sr + i, cnt) * inv;
+      VT::store(sr + i, p, cnt);
       const V sdv = VT::load(sdr + i, cnt);
       const V gpdv = VT::load(gpdr + i, cnt);
       const V gpv = VT::load(gpr + i, cnt) + (gpdv - a) * (sdv - mu);
