@@ -1,13 +1,16 @@
-"""Trend table between the latest two result files of a device.
+"""Trend of each benchmark of a device: its latest result against the one before it.
 
     python bench/compare.py                          # every device in bench/results/ with results
     python bench/compare.py --device nvidia-h200     # one device
     python bench/compare.py OLD.json NEW.json        # two given files (ours or --benchmark-json ones)
 
 Result files are ``bench/results/<device-slug>_<YYYY-MM-DD>.json`` (written by
-``pytest bench/ --benchmark-only --bench-save`` and by the GPU suite). For each benchmark it prints
-the median time, img/s (when the case reports it) and the change in percent; a positive img/s
-change and a negative time change are improvements.
+``pytest bench/ --benchmark-only --bench-save`` and by the GPU suite). A day's file holds the suites
+run that day, so a benchmark's latest and previous results can lie in different files: per device,
+each benchmark (at each bench size) is followed through all of the device's files and its newest
+two results are compared, with their dates. For each it prints the median time, img/s (when the
+case reports it) and the change in percent; a positive img/s change and a negative time change are
+improvements. Two given files are compared with each other only.
 """
 
 from __future__ import annotations
@@ -104,6 +107,67 @@ def trend_rows(old: Optional[Dict[str, Any]], new: Dict[str, Any]) -> List[List[
     return rows
 
 
+Entry = Tuple[str, Dict[str, Any], Dict[str, Any]]  # (date, record, device) of one result
+
+
+def device_history(paths: Sequence[Path]) -> Dict[Tuple[str, str], List[Entry]]:
+    """(bench size, benchmark) -> its results, oldest → newest, over one device's result files
+    (``paths`` sorted oldest → newest, as ``result_files`` gives them)."""
+    history: Dict[Tuple[str, str], List[Entry]] = defaultdict(list)
+    for path in paths:
+        result = load_results(path)
+        for record in result["benchmarks"]:
+            history[(str(result["bench_size"] or ""), _key(record))].append(
+                (str(result["device"].get("date", "?")), record, result["device"]))
+    return dict(history)
+
+
+def labels(history: Dict[Tuple[str, str], List[Entry]]) -> Dict[Tuple[str, str], str]:
+    """'group: name' per benchmark, with ' [size]' where a device has it at more than one size."""
+    sizes: Dict[str, int] = defaultdict(int)
+    for _, key in history:
+        sizes[key] += 1
+    out = {}
+    for size, key in history:
+        record = history[(size, key)][-1][1]
+        label = f"{record.get('group') or ''}: {record['name']}".strip(": ")
+        out[(size, key)] = label + (f" [{size or '?'}]" if sizes[key] > 1 else "")
+    return out
+
+
+def latest_entries(paths: Sequence[Path]) -> List[Tuple[str, Entry]]:
+    """(label, newest result) of every benchmark of a device, whichever file holds it."""
+    history = device_history(paths)
+    names = labels(history)
+    return [(names[key], entries[-1]) for key, entries in history.items()]
+
+
+def history_rows(history: Dict[Tuple[str, str], List[Entry]]) -> List[List[str]]:
+    rows = []
+    names = labels(history)
+    for key in sorted(history, key=lambda k: (history[k][-1][1].get("group") or "", names[k])):
+        entries = history[key]
+        new_date, n, _ = entries[-1]
+        old_date, o, _ = entries[-2] if len(entries) > 1 else ("-", None, None)
+        label = names[key]
+        rows.append([
+            label, old_date, format_time(_median(o)), new_date, format_time(_median(n)),
+            change(_median(o), _median(n)), format_rate(_img_s(o)), format_rate(_img_s(n)),
+            change(_img_s(o), _img_s(n)),
+        ])
+    return rows
+
+
+def compare_device(slug: str, paths: Sequence[Path]) -> str:
+    """Each benchmark's newest result against its previous one, over a device's files."""
+    device = load_results(paths[-1])["device"]
+    title = (f"{device.get('device_name', slug)} [{slug}]: {len(paths)} result file(s), "
+             f"{Path(paths[0]).stem.rpartition('_')[2]} … {Path(paths[-1]).stem.rpartition('_')[2]}")
+    headers = ["benchmark", "old date", "median old", "new date", "median new", "Δ time",
+               "img/s old", "img/s new", "Δ img/s"]
+    return title + "\n" + render(history_rows(device_history(paths)), headers)
+
+
 def render(rows: Sequence[Sequence[str]], headers: Sequence[str]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
     line = lambda cells: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)  # noqa: E731
@@ -123,7 +187,7 @@ def compare(old_path: Optional[Path], new_path: Path) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("files", nargs="*", type=Path, help="OLD NEW result files (default: latest two per device)")
+    parser.add_argument("files", nargs="*", type=Path, help="OLD NEW result files (default: every device's history)")
     parser.add_argument("--device", help="device slug, e.g. nvidia-h200 or cpu-amd-epyc-2t")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
@@ -138,11 +202,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not files:
         print(f"no result files{' for ' + args.device if args.device else ''} in {args.results_dir}")
         return 1
-    blocks = []
-    for slug in sorted(files):
-        paths = files[slug]
-        blocks.append(compare(paths[-2] if len(paths) > 1 else None, paths[-1]))
-    print("\n\n".join(blocks))
+    print("\n\n".join(compare_device(slug, files[slug]) for slug in sorted(files)))
     return 0
 
 

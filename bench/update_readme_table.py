@@ -1,4 +1,4 @@
-"""Render the latest committed benchmark result of each device as a markdown table in README.md.
+"""Render the latest committed result of each benchmark of each device as a markdown table in README.md.
 
     python bench/update_readme_table.py                 # replace between the markers in README.md
     python bench/update_readme_table.py --print         # only print the table
@@ -7,7 +7,9 @@
 
 The table goes between ``<!-- perf-table:start -->`` and ``<!-- perf-table:end -->``; when README.md
 lacks the markers the table is printed and the file left alone. "Committed" = tracked by git
-(``git ls-files bench/results``); each row names the device and the date of its result file.
+(``git ls-files bench/results``). A day's file holds only the suites run that day, so each
+benchmark's row comes from the newest file of its device that holds it, and names the device and
+that file's date.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence
 if __package__ in (None, ""):  # run as a script: make ``bench`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.compare import RESULTS_DIR, format_rate, format_time, load_results  # noqa: E402
+from bench.compare import RESULTS_DIR, format_rate, format_time, latest_entries, result_files  # noqa: E402
 
 START, END = "<!-- perf-table:start -->", "<!-- perf-table:end -->"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -42,13 +44,11 @@ def committed_result_files(results_dir: Path, include_uncommitted: bool) -> List
     return [p for p in on_disk if p.resolve() in tracked]
 
 
-def latest_per_device(paths: Sequence[Path]) -> Dict[str, Path]:
-    latest: Dict[str, Path] = {}
-    for path in sorted(paths, key=lambda p: (p.stem.rpartition("_")[2], p.stat().st_mtime)):
-        slug, _, date = path.stem.rpartition("_")
-        if slug and len(date) == 10:
-            latest[slug] = path  # later dates overwrite earlier ones
-    return latest
+def device_files(results_dir: Path, include_uncommitted: bool) -> Dict[str, List[Path]]:
+    """slug -> that device's committed result files, oldest → newest."""
+    keep = {p.resolve() for p in committed_result_files(results_dir, include_uncommitted)}
+    by_slug = {slug: [p for p in paths if p.resolve() in keep] for slug, paths in result_files(results_dir).items()}
+    return {slug: paths for slug, paths in by_slug.items() if paths}
 
 
 def _mfu(extra: Dict[str, Any]) -> str:
@@ -66,22 +66,20 @@ def _device_label(device: Dict[str, Any]) -> str:
     return name
 
 
-def render_table(files: Dict[str, Path], groups: Optional[Sequence[str]]) -> str:
+def render_table(files: Dict[str, List[Path]], groups: Optional[Sequence[str]]) -> str:
     header = ["benchmark", "device", "date", "median", "img/s", "MFU", "peak mem"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * 4) + "|"]
     count = 0
     for slug in sorted(files):
-        result = load_results(files[slug])
-        device = result["device"]
-        records = [r for r in result["benchmarks"] if groups is None or r.get("group") in groups]
-        for rec in sorted(records, key=lambda r: (r.get("group") or "", r["name"])):
+        entries = [e for e in latest_entries(files[slug]) if groups is None or e[1][1].get("group") in groups]
+        for label, (date, rec, device) in sorted(entries, key=lambda e: (e[1][1].get("group") or "", e[0])):
             extra = rec.get("extra_info") or {}
             cpu_rss = str(extra.get("peak_mem_kind", "")).startswith("cpu_")
             mem = extra.get("peak_mem_delta_mb" if cpu_rss else "peak_mem_mb")
             lines.append("| " + " | ".join([
-                f"{rec.get('group') or ''}: {rec['name']}".strip(": "),
+                label,
                 _device_label(device),
-                device.get("date", "?"),
+                date,
                 format_time((rec.get("stats") or {}).get("median")),
                 format_rate(extra.get("img_per_s")),
                 _mfu(extra),
@@ -113,7 +111,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--print", dest="print_only", action="store_true", help="print the table, leave README.md alone")
     args = parser.parse_args(argv)
     groups = None if args.all else (args.group or list(DEFAULT_GROUPS))
-    files = latest_per_device(committed_result_files(args.results_dir, args.uncommitted))
+    files = device_files(args.results_dir, args.uncommitted)
     table = render_table(files, groups)
     if args.print_only:
         print(table)
