@@ -43,6 +43,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=None, help="result file ('' = do not write)")
+    p.add_argument("--wrap-single-rank", action="store_true",
+                   help="at world size 1, still wrap in DDP / FSDP2 (over a process group of one): what the "
+                        "wrapper costs without a peer; otherwise one process trains unwrapped")
     return p.parse_args(argv)
 
 
@@ -62,7 +65,7 @@ def run_case(args, parallelism: str, compile_scope: str, ctx) -> Dict[str, Any]:
     torch.manual_seed(0)
     method = create_method_from_config(config).to(ctx.device)
     num_params = sum(p.numel() for p in method.parameters())
-    loss_fn, wrapped = build_train_module(method, config, ctx)
+    loss_fn, wrapped = build_train_module(method, config, ctx, wrap_single_rank=args.wrap_single_rank)
     train_cfg = config.training
     params = [p for p in wrapped.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=train_cfg.learning_rate, betas=tuple(train_cfg.betas),
@@ -127,6 +130,13 @@ def main(argv=None) -> int:
     from fastflow.train.distributed import cleanup, init_distributed
 
     ctx = init_distributed(args.device)
+    if args.wrap_single_rank and ctx.world_size == 1 and not dist.is_initialized():
+        # torchrun's env:// rendezvous (MASTER_ADDR/PORT) or a local one for a plain `python` run
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29517")
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        dist.init_process_group(backend="nccl" if ctx.device.type == "cuda" else "gloo")
     records = []
     for compile_scope in args.compile.split(","):
         for parallelism in args.parallelism.split(","):

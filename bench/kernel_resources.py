@@ -334,8 +334,8 @@ def sweep_attention(recorder: CompileOnlyLaunches, kernels: List[str], head_dims
 
 def device_kernel_records(modules: List[Any]) -> List[Dict[str, Any]]:
     """Resources of the kernels this process compiled and loaded on a real device: registers and
-    spills as the driver reports them (``CompiledKernel.n_regs`` / ``n_spills``, set at the first
-    launch). The GPU suite records them, the on-device check of this file's compile-only numbers."""
+    local memory as the driver reports them (``CompiledKernel.n_regs``; ``n_spills``, which holds
+    local bytes / 4, as ``local_bytes``; set at the first launch). The GPU suite records them, the on-device check of this file's compile-only numbers."""
     records = []
     for module in modules:
         for fn in vars(module).values():
@@ -357,8 +357,15 @@ def device_kernel_records(modules: List[Any]) -> List[Dict[str, Any]]:
                         kernel=fn.__name__, constexprs=constexprs,
                         dtypes=sorted({v for v in signature.values() if isinstance(v, str) and v.startswith("*")}),
                         num_warps=metadata.num_warps, num_stages=metadata.num_stages, shared=metadata.shared,
-                        registers=getattr(kernel, "n_regs", None), spills=getattr(kernel, "n_spills", None)))
+                        registers=getattr(kernel, "n_regs", None), local_bytes=_local_bytes(kernel)))
     return records
+
+
+def _local_bytes(kernel: Any) -> Optional[int]:
+    """Local memory per thread (spills and stack), in bytes. Triton's driver stores
+    CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES / 4 as ``n_spills`` (driver.c, 3.6 and 3.8), i.e. in words."""
+    words = getattr(kernel, "n_spills", None)
+    return None if words is None else 4 * int(words)
 
 
 # A spill of at most this many bytes at a register count well below the cap is ptxas' own choice

@@ -167,10 +167,14 @@ def device_info(device: Any = None) -> Dict[str, Any]:
 
 # ----------------------------------------------------------------------------------------- timing
 def time_fn(fn: Callable[[], Any], device: Any, *, warmup: int = 2, reps: int = 10,
-            max_seconds: Optional[float] = None) -> List[float]:
-    """Seconds per call of ``fn`` (``reps`` calls after ``warmup``); CUDA events on GPUs.
+            max_seconds: Optional[float] = None, calls_per_sample: int = 1) -> List[float]:
+    """Seconds per call of ``fn`` (``reps`` samples after ``warmup`` calls); CUDA events on GPUs.
 
-    ``max_seconds`` stops early (after at least 2 timed calls) once the timed calls exceed it.
+    Each sample times ``calls_per_sample`` calls back to back and divides: with 1, a sample starts
+    on an idle GPU and includes the launch latency of the call; with more, the CPU queues the next
+    launches while the GPU runs, so a GPU-bound call is timed by its kernels alone (a call whose
+    dispatch is slower than its kernels is timed by its dispatch either way).
+    ``max_seconds`` stops early (after at least 2 samples) once the samples exceed it.
     """
     device = torch.device(device)
     for _ in range(warmup):
@@ -182,14 +186,16 @@ def time_fn(fn: Callable[[], Any], device: Any, *, warmup: int = 2, reps: int = 
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            fn()
+            for _ in range(calls_per_sample):
+                fn()
             end.record()
             end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
+            times.append(start.elapsed_time(end) / 1e3 / calls_per_sample)
         else:
             t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
+            for _ in range(calls_per_sample):
+                fn()
+            times.append((time.perf_counter() - t0) / calls_per_sample)
         if max_seconds is not None and i >= 1 and time.perf_counter() - start_all > max_seconds:
             break
     return times

@@ -86,4 +86,4 @@ def test_device_kernel_records_read_compiled_kernels():
     assert record["constexprs"]["SILU"] is True and record["constexprs"]["HAS_SCALE"] is False
     assert record["constexprs"]["BLOCK_C"] * record["constexprs"]["BLOCK_HW"] >= 2 * 64
     assert "*bf16" in record["dtypes"] and record["num_warps"] >= 1 and record["shared"] >= 0
-    assert record["registers"] is None and record["spills"] is None
+    assert record["registers"] is None and record["local_bytes"] is None

@@ -65,11 +65,13 @@ def check_compile_config(config: Any) -> None:
         )
 
 
-def build_train_module(method: nn.Module, config: Any, ctx: DistContext) -> Tuple[Callable, nn.Module]:
+def build_train_module(method: nn.Module, config: Any, ctx: DistContext, *,
+                       wrap_single_rank: bool = False) -> Tuple[Callable, nn.Module]:
     """Return (loss_fn, wrapped) where ``loss_fn(batch) -> (loss, metrics)`` runs one step's loss.
 
     ``wrapped`` is what owns the parameters the optimizer sees (the method itself, or its
-    DDP/FSDP-wrapped form).
+    DDP/FSDP-wrapped form). One process trains unwrapped unless ``wrap_single_rank`` (benchmarks:
+    what a wrapper costs by itself; needs an initialised process group of size 1).
     """
     scope = compile_scope(config)
     check_compile_config(config)
@@ -79,7 +81,10 @@ def build_train_module(method: nn.Module, config: Any, ctx: DistContext) -> Tupl
         from fastflow.train.fsdp import check_fsdp_config
 
         check_fsdp_config(config, ctx.device)
-    parallelism = config.infrastructure.parallelism if ctx.world_size > 1 else "none"
+    parallelism = config.infrastructure.parallelism if ctx.world_size > 1 or wrap_single_rank else "none"
+    if parallelism != "none" and not torch.distributed.is_initialized():
+        raise RuntimeError(f"infrastructure.parallelism={parallelism} on one process needs an initialised "
+                           "process group (wrap_single_rank)")
     wrapped: nn.Module = method
     if parallelism == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
