@@ -121,7 +121,8 @@ def run_case(args, parallelism: str, compile_scope: str, ctx) -> Dict[str, Any]:
         "stats": {**stats, "rounds": len(times), "iterations": 1},
         "extra_info": {"first_step_s": round(first, 3), "img_per_s": images / stats["median"],
                        "images_per_step": images, "batch_per_rank": train_cfg.batch_size,
-                       "num_parameters": num_params, "method": method_name, "derivative": derivative},
+                       "num_parameters": num_params, "method": method_name, "derivative": derivative,
+                       "wrapper": type(wrapped).__name__},
     }
 
 

@@ -232,11 +232,21 @@ def _spawn(cmd: Sequence[str], **kwargs: Any) -> subprocess.Popen:
 
 
 def _kill_group(proc: Optional[subprocess.Popen]) -> None:
-    if proc is not None and proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGCONT)
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    """Kill the child's whole process group: its workers (xdist, compile workers) too, also when
+    the child itself has already exited."""
+    if proc is None:
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGCONT)
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _write_status(path: Path, status: Dict[str, Any]) -> None:
+    """Written whole, then renamed: another process polls for it and reads it at once."""
+    part = path.with_suffix(".part")
+    part.write_text(json.dumps(status))
+    os.replace(part, path)
 
 
 def _free_memory() -> None:
@@ -415,9 +425,7 @@ def section_precompile(ctx: Ctx, case: str) -> None:
     except Exception as exc:  # noqa: BLE001
         status.update(_error(exc))
         traceback.print_exc()
-    path = ctx.tmp / f"precompile_{case}.json"  # written whole, then renamed: the waiter reads it
-    path.with_suffix(".part").write_text(json.dumps(status))
-    os.replace(path.with_suffix(".part"), path)
+    _write_status(ctx.tmp / f"precompile_{case}.json", status)
     print(f"[precompile] {case}: {status}", flush=True)
 
 
@@ -694,7 +702,7 @@ def section_train_dist(ctx: Ctx) -> None:
         ctx.results[key] = {"status": "ok", "case": "fmm_dual", "parallelism": params["parallelism"],
                             "world_size": params["world_size"], "stats": bench["stats"],
                             **{k: extra.get(k) for k in ("img_per_s", "first_step_s", "ratio_vs_none_eager",
-                                                         "peak_mem_mb", "images_per_step")}}
+                                                         "peak_mem_mb", "images_per_step", "wrapper")}}
         print(f"  {key}: {_fmt_ms(bench['stats']['median'])} ms/step  {extra.get('img_per_s', 0):,.0f} img/s  "
               f"x{extra.get('ratio_vs_none_eager') or float('nan'):.2f} vs none", flush=True)
         ctx.save()
@@ -852,7 +860,7 @@ class Background(threading.Thread):
                 status_path = self.suite.tmp / f"precompile_{case}.json"
                 timeout = self.suite.deadline - time.time() - 40
                 if self._stop_event.is_set() or timeout < 20:
-                    status_path.write_text(json.dumps({"case": case, "status": "skipped", "error": "no time left"}))
+                    _write_status(status_path, {"case": case, "status": "skipped", "error": "no time left"})
                     continue
                 log.write(f"=== precompile {case} (timeout {timeout:.0f}s) ===\n")
                 log.flush()
@@ -867,7 +875,7 @@ class Background(threading.Thread):
                 with contextlib.suppress(OSError):
                     (self.suite.tmp / "bg.pgid").unlink()
                 if not status_path.exists():
-                    status_path.write_text(json.dumps({"case": case, "status": "error", "error": f"exit {rc}"}))
+                    _write_status(status_path, {"case": case, "status": "error", "error": f"exit {rc}"})
                 self.proc = None
 
     def _kill(self) -> None:
