@@ -35,11 +35,13 @@ def load_results(path: Path) -> Dict[str, Any]:
     if device is None:  # pytest-benchmark's own JSON: bench/conftest.py adds machine_info['fastflow_device']
         machine = doc.get("machine_info", {})
         device = dict(machine.get("fastflow_device") or {})
-        device.setdefault("date", str(doc.get("datetime", ""))[:10])
+        if doc.get("datetime"):
+            device.setdefault("date", str(doc["datetime"])[:10])
     stem_slug, _, stem_date = path.stem.rpartition("_")
     if re.fullmatch(r"\d{4}-\d{2}-\d{2}", stem_date):
         device.setdefault("slug", stem_slug)
-        device.setdefault("date", stem_date)
+        if not device.get("date"):
+            device["date"] = stem_date
     device.setdefault("slug", path.stem)
     device.setdefault("device_name", device["slug"])
     return {"device": device, "benchmarks": doc.get("benchmarks", []), "path": str(path),
@@ -117,7 +119,9 @@ def device_history(paths: Sequence[Path]) -> Dict[Tuple[str, str], List[Entry]]:
     for path in paths:
         result = load_results(path)
         for record in result["benchmarks"]:
-            history[(str(result["bench_size"] or ""), _key(record))].append(
+            # the record's own size first: a same-day merge keeps records of another run's size
+            size = (record.get("extra_info") or {}).get("bench_size") or result["bench_size"] or ""
+            history[(str(size), _key(record))].append(
                 (str(result["device"].get("date", "?")), record, result["device"]))
     return dict(history)
 

@@ -132,12 +132,11 @@ def main(argv=None) -> int:
 
     ctx = init_distributed(args.device)
     if args.wrap_single_rank and ctx.world_size == 1 and not dist.is_initialized():
-        # torchrun's env:// rendezvous (MASTER_ADDR/PORT) or a local one for a plain `python` run
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29517")
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-        dist.init_process_group(backend="nccl" if ctx.device.type == "cuda" else "gloo")
+        backend = "nccl" if ctx.device.type == "cuda" else "gloo"
+        if "MASTER_ADDR" in os.environ:  # torchrun's env:// rendezvous
+            dist.init_process_group(backend=backend)
+        else:  # a plain `python` run: a group of one needs no port
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
     records = []
     for compile_scope in args.compile.split(","):
         for parallelism in args.parallelism.split(","):

@@ -483,7 +483,7 @@ def _time_micro(ctx: Ctx, fn: Callable[[], Any]) -> Dict[str, Any]:
         times = time_fn(fn, ctx.device, warmup=1, reps=ctx.profile.micro_reps, max_seconds=3.0,
                         calls_per_sample=calls)
     stats: Dict[str, Any] = summarize(times)
-    stats.update(calls_per_sample=calls, single_call_median=per_call)
+    stats.update(iterations=calls, calls_per_sample=calls, single_call_median=per_call)  # pytest-benchmark's name too
     return stats
 
 

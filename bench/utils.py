@@ -176,6 +176,8 @@ def time_fn(fn: Callable[[], Any], device: Any, *, warmup: int = 2, reps: int = 
     dispatch is slower than its kernels is timed by its dispatch either way).
     ``max_seconds`` stops early (after at least 2 samples) once the samples exceed it.
     """
+    if calls_per_sample < 1:
+        raise ValueError(f"time_fn: calls_per_sample must be >= 1, got {calls_per_sample}")
     device = torch.device(device)
     for _ in range(warmup):
         fn()

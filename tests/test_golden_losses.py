@@ -39,7 +39,8 @@ from fastflow.train.loop import Trainer  # noqa: E402
 
 GOLDEN = Path(__file__).resolve().parent / "assets" / "losses" / "tiny_cpu.json"
 STEPS = 25
-# Max |Δ| / max(1e-3, |golden|) over steps and metrics; see the module docstring for how they were chosen.
+# Max |Δ| / max(1e-3, |golden|) over steps and metrics (max_relative_deviation); see the module
+# docstring for how they were chosen.
 RTOL = 1e-4
 RTOL_CASE = {"fmm_finite_difference": 1e-2}
 FMM = ["method=flow_map_matching"]
@@ -77,14 +78,22 @@ def run_curves(overrides: Sequence[str], workdir: str) -> Dict[str, List[float]]
 
 
 def max_relative_deviation(curves: Dict[str, List[float]], golden: Dict[str, List[float]]) -> float:
+    """max over steps and metrics of |Δ| / max(1e-3, |golden|): relative where a value is ≥ 1e-3,
+    absolute (1e-3 · rtol) below, which holds FMM's tiny early reconstruction term (≤ 1e-4 here)."""
     assert curves.keys() == golden.keys(), f"metrics {sorted(curves)} vs golden {sorted(golden)}"
+    assert all(len(v) == STEPS for v in (*curves.values(), *golden.values())), "curves of unequal length"
     return max(abs(a - b) / max(1e-3, abs(b)) for key in golden for a, b in zip(curves[key], golden[key]))
 
 
 def _load_golden() -> Dict:
     if not GOLDEN.is_file():
         pytest.fail(f"{GOLDEN} is missing: python tests/test_golden_losses.py --update")
-    return json.loads(GOLDEN.read_text())
+    golden = json.loads(GOLDEN.read_text())
+    # The tolerances were measured on the torch the file was written with (the project's pin);
+    # another release may pick other CPU kernels (e.g. the GPU machine's torch 2.11).
+    if torch.__version__.split("+")[0].rsplit(".", 1)[0] != golden["torch"].split("+")[0].rsplit(".", 1)[0]:
+        pytest.skip(f"golden curves are for torch {golden['torch']}, this is {torch.__version__}")
+    return golden
 
 
 def _skip_unavailable(case: str) -> None:
