@@ -163,6 +163,39 @@ def test_dual_partial_tangents_and_grads(present, upstream, seed):
     _check_dual(x, tangents, grad_o, grad_o_dot, dtype, seed)
 
 
+@pytest.mark.parametrize("form", ["plain", "dual"])
+def test_fp32_grads_at_peaked_rows_near_autograd_precision(form, seed):
+    """float32 gradients where the softmax is peaked (scores up to ~±30): the RMS error of every
+    gradient against the float64 reference, summed, within 3.5x of float32 autograd through the
+    reference on the same inputs. Measured (interpreter, 40 draws): plain 1.35–2.05x (the
+    recomputed P carries the rounding of the saved lse and of base-2 scores), dual 0.70–2.42x;
+    on the same measure the C++ kernels before their row renormalisation were 1.7–6x (plain) and
+    up to 4.2x (dual).
+    The interpreter only: on CUDA, float32 dots are 3xTF32/TF32 and autograd's are cuBLAS's."""
+    if DEVICE == "cuda":
+        pytest.skip("compares float32 rounding with autograd's on the CPU")
+    x = _make(seed, (6, 2, 23, 8), torch.float32)
+    x["q"] = x["q"] * 8.0
+
+    def grads(fn, dtype):
+        if form == "plain":
+            q, k, v = (_leaf(x[n], dtype) for n in ("q", "k", "v"))
+            return torch.autograd.grad((fn(q, k, v) * x["grad_o"].to(dtype)).sum(), (q, k, v))
+        tangents = (x["q_dot"], x["k_dot"], x["v_dot"])
+        return _dual_grads(fn, x, tangents, x["grad_o"], x["grad_o_dot"], dtype)[2]
+
+    kernel, reference = ((attn.attention_triton, attention_reference) if form == "plain"
+                         else (attn.attention_dual_triton, attention_dual_reference))
+    ref = grads(reference, torch.float64)
+
+    def rms_error(gs):
+        return sum((g.double() - r).pow(2).mean().sqrt().item() for g, r in zip(gs, ref))
+
+    err_kernel, err_autograd = rms_error(grads(kernel, torch.float32)), rms_error(grads(reference, torch.float32))
+    assert err_kernel <= 3.5 * err_autograd, (
+        f"seed={seed}: {form} Triton float32 gradient RMS error {err_kernel:.3e} vs autograd's {err_autograd:.3e}")
+
+
 def test_dual_without_tangents_returns_none(seed):
     x = _make(seed, (1, 1, 48, 16), torch.float32)
     o, o_dot = attn.attention_dual_triton(x["q"], None, x["k"], None, x["v"], None)
