@@ -468,11 +468,11 @@ MICRO_SAMPLE_S = 2e-3
 MICRO_MAX_CALLS = 64
 
 
-def _time_micro(ctx: Ctx, fn: Callable[[], Any]) -> Dict[str, Any]:
-    """Per-call seconds of ``fn``, timed as back-to-back calls (``calls_per_sample`` of them, so a
-    sample spans ≥ MICRO_SAMPLE_S): the UNet's kernels run for microseconds to tens of
-    microseconds, which a lone call timed from an idle GPU would mix with its launch latency. The
-    lone-call median is kept as ``single_call_median`` (what eager pays per call, launch included)."""
+def _time_micro(ctx: Ctx, fn: Callable[[], Any]) -> Tuple[Dict[str, Any], int, float]:
+    """(stats of the per-call seconds, calls per sample, lone-call median) of ``fn``, timed as
+    back-to-back calls, enough that a sample spans ≥ MICRO_SAMPLE_S: the UNet's kernels run for
+    microseconds to tens of microseconds, which a lone call timed from an idle GPU would mix with
+    its launch latency. The lone-call median is what eager pays per call, launch included."""
     from bench.utils import summarize, time_fn
 
     fn()  # first call: compile / autotune / JIT outside the pause
@@ -482,9 +482,7 @@ def _time_micro(ctx: Ctx, fn: Callable[[], Any]) -> Dict[str, Any]:
         calls = int(min(MICRO_MAX_CALLS, max(1, math.ceil(MICRO_SAMPLE_S / max(per_call, 1e-9)))))
         times = time_fn(fn, ctx.device, warmup=1, reps=ctx.profile.micro_reps, max_seconds=3.0,
                         calls_per_sample=calls)
-    stats: Dict[str, Any] = summarize(times)
-    stats.update(iterations=calls, calls_per_sample=calls, single_call_median=per_call)  # pytest-benchmark's name too
-    return stats
+    return {**summarize(times), "iterations": calls}, calls, per_call  # pytest-benchmark's name for it
 
 
 def _micro_case(ctx: Ctx, key: str, fn: Callable[[], Any], *, nbytes: Optional[float] = None,
@@ -493,9 +491,9 @@ def _micro_case(ctx: Ctx, key: str, fn: Callable[[], Any], *, nbytes: Optional[f
         ctx.results[key] = {"status": "skipped", "reason": "section budget spent"}
         return
     try:
-        stats = _time_micro(ctx, fn)
-        rec: Dict[str, Any] = {"status": "ok", "calls_per_sample": stats.pop("calls_per_sample"),
-                               "single_call_median_s": stats.pop("single_call_median"), "stats": stats}
+        stats, calls, per_call = _time_micro(ctx, fn)
+        rec: Dict[str, Any] = {"status": "ok", "calls_per_sample": calls, "single_call_median_s": per_call,
+                               "stats": stats}
         median = stats["median"]
         if nbytes:
             rec["bytes"] = nbytes

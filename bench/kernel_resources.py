@@ -335,7 +335,8 @@ def sweep_attention(recorder: CompileOnlyLaunches, kernels: List[str], head_dims
 def device_kernel_records(modules: List[Any]) -> List[Dict[str, Any]]:
     """Resources of the kernels this process compiled and loaded on a real device: registers and
     local memory as the driver reports them (``CompiledKernel.n_regs``; ``n_spills``, which holds
-    local bytes / 4, as ``local_bytes``; set at the first launch). The GPU suite records them, the on-device check of this file's compile-only numbers."""
+    local bytes / 4, as ``local_bytes``; set at the first launch). The GPU suite records them, the
+    on-device check of this file's compile-only numbers."""
     records = []
     for module in modules:
         for fn in vars(module).values():

@@ -94,7 +94,7 @@ FASTFLOW_INLINE void softmax_fwd_rows(T* s, int64_t rows, int64_t cols, T* lse, 
 // which scales the recomputed row by 1 + ε (ε ~ 2e-6 at |S| ~ 20 in float32), and at a peaked
 // row dS's dominant entry is the small difference dP_j − rowsum(P ⊙ dP) of two numbers that carry
 // that ε (dq error 1.3e-5 → 1.1e-6 of max |dq|, autograd's float32 level). The sum is taken in
-// the pass that already reads the row, so it costs one multiply per element.
+// the pass that already reads the row; the second pass multiplies and stores P back.
 template <typename T>
 FASTFLOW_INLINE void softmax_bwd_rows(T* s, T* dp, int64_t rows, int64_t cols, const T* lse) {
   using VT = Vec<T>;

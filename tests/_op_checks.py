@@ -26,6 +26,12 @@ def assert_close(actual, expected, tol, what, seed):
     assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol:g} x {scale:.3g} (seed={seed})"
 
 
+def summed_rms_error(grads, reference_grads) -> float:
+    """Σ over gradients of the RMS of (grad − reference grad), in float64: one precision figure for
+    a whole backward, to hold against another implementation's on the same inputs."""
+    return sum((g.double() - r.double()).pow(2).mean().sqrt().item() for g, r in zip(grads, reference_grads))
+
+
 def leaf(t):
     return None if t is None else t.detach().clone().requires_grad_()
 

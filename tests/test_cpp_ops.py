@@ -434,11 +434,8 @@ def test_attention_grads_float32_peaked_rows_as_precise_as_autograd(seed, form):
     cpp_fn, ref_fn = ((cpu.attention_cpp, attention_reference) if form == "plain"
                       else (cpu.attention_dual_cpp, attention_dual_reference))
     ref = run(ref_fn, inp)
-
-    def rms_error(grads):
-        return sum((g.double() - r).pow(2).mean().sqrt().item() for g, r in zip(grads, ref))
-
-    err_cpp, err_autograd = rms_error(run(cpp_fn, f32)), rms_error(run(ref_fn, f32))
+    err_cpp = checks.summed_rms_error(run(cpp_fn, f32), ref)
+    err_autograd = checks.summed_rms_error(run(ref_fn, f32), ref)
     assert err_cpp <= 1.35 * err_autograd, (
         f"seed={seed}: {form} C++ float32 gradient RMS error {err_cpp:.3e} vs autograd's {err_autograd:.3e}")
 

@@ -21,6 +21,7 @@ import torch.autograd.forward_ad as fwAD  # noqa: E402
 
 from fastflow.ops.reference import attention_dual_reference, attention_reference  # noqa: E402
 from kernels import attention as attn  # noqa: E402
+import _op_checks as checks  # noqa: E402  (tests/_op_checks.py)
 
 _INTERPRET = os.environ["TRITON_INTERPRET"] == "1"
 DEVICE = "cpu" if _INTERPRET else "cuda"
@@ -187,11 +188,8 @@ def test_fp32_grads_at_peaked_rows_near_autograd_precision(form, seed):
     kernel, reference = ((attn.attention_triton, attention_reference) if form == "plain"
                          else (attn.attention_dual_triton, attention_dual_reference))
     ref = grads(reference, torch.float64)
-
-    def rms_error(gs):
-        return sum((g.double() - r).pow(2).mean().sqrt().item() for g, r in zip(gs, ref))
-
-    err_kernel, err_autograd = rms_error(grads(kernel, torch.float32)), rms_error(grads(reference, torch.float32))
+    err_kernel = checks.summed_rms_error(grads(kernel, torch.float32), ref)
+    err_autograd = checks.summed_rms_error(grads(reference, torch.float32), ref)
     assert err_kernel <= 3.5 * err_autograd, (
         f"seed={seed}: {form} Triton float32 gradient RMS error {err_kernel:.3e} vs autograd's {err_autograd:.3e}")
 
