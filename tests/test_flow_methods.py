@@ -9,6 +9,7 @@ statistical tests on the time-pair distribution use fixed seeds.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Callable, List, Tuple
 
 import numpy as np
@@ -261,7 +262,9 @@ def test_fmm_step_counter_advances_only_in_train_mode() -> None:
     method.sample_time_pairs(8)
     assert method._step.item() == 3
     method.train()
-    _, _, gap = method.sample_time_pairs(8)  # gap of the step before the increment
+    gap = method.current_time_gap()  # the gap of the step before the increment
+    pair = method.sample_time_pairs(8)
+    assert len(pair) == 2, "sample_time_pairs returns (s, t), as the course's does"
     assert gap.item() == pytest.approx(method.get_time_gap(3).item())
     assert method._step.item() == 4
 
@@ -280,8 +283,8 @@ def test_fmm_time_pair_bounds(step: int, seed: int) -> None:
     sigma = 1e-3
     method = FlowMapMatching(MapStub(0.0, torch.zeros(1)), sigma_min=sigma, initial_gap=0.1, warmup_steps=100).train()
     method._step.fill_(step)
-    s, t, gap = method.sample_time_pairs(20_000)
-    gap = gap.item()
+    gap = method.current_time_gap().item()
+    s, t = method.sample_time_pairs(20_000)
     assert gap == pytest.approx(min(method.get_time_gap(step).item(), 1 - sigma))
     delta = (t - s).double()
     slack = 2.0**-23  # t − s is rounded in float32
@@ -318,8 +321,9 @@ def test_fmm_time_gap_density_is_triangular(step: int) -> None:
     method = FlowMapMatching(MapStub(0.0, torch.zeros(1)), sigma_min=sigma, initial_gap=0.1, warmup_steps=100).train()
     method._step.fill_(step)
     n = 40_000
-    s, t, gap = method.sample_time_pairs(n)
-    s, t, gap = s.double().numpy(), t.double().numpy(), gap.item()
+    gap = method.current_time_gap().item()
+    s, t = method.sample_time_pairs(n)
+    s, t = s.double().numpy(), t.double().numpy()
     delta = t - s
     d, p = _ks_statistic(delta, lambda x: 1 - np.clip((gap - x) / (gap - sigma), 0, 1) ** 2)
     assert p > 1e-3, f"torch seed {torch_seed}: δ not triangular on [σ, {gap}]: KS D={d:.4f}, p={p:.2e}"
@@ -403,3 +407,24 @@ def test_fmm_compute_loss_metrics(seed: int) -> None:
     assert metrics["delta_t_mean"].item() == pytest.approx(mean_gap, abs=1e-6)
     assert metrics["current_gap"].item() == pytest.approx(0.2, abs=1e-7)  # gap of step 0
     assert 0 < metrics["delta_t_mean"].item() <= 0.2 + 1e-6, f"seed {seed}"
+
+
+def test_fmm_finite_difference_refuses_dropout() -> None:
+    """FD's doubled batch would draw two dropout masks and divide their difference by 2h: refused at
+    construction (directly or from the config), for the blocks' dropout and for nn.Dropout."""
+    with pytest.raises(ValueError, match=r"finite_difference.*dropout 0\.1"):
+        FlowMapMatching(DualTimeUNet(UNet(**{**TINY, "dropout": 0.1}), 1000), derivative="finite_difference")
+    stub = nn.Sequential(MapStub(0.0, torch.zeros(1)), nn.Dropout(0.25))
+    with pytest.raises(ValueError, match=r"dropout 0\.25"):
+        FlowMapMatching(stub, derivative="finite_difference")
+    for derivative in ("dual", "jvp"):  # one shared mask: exact
+        FlowMapMatching(DualTimeUNet(UNet(**{**TINY, "dropout": 0.1}), 1000), derivative=derivative)
+    FlowMapMatching(DualTimeUNet(UNet(**TINY), 1000), derivative="finite_difference")
+
+    from fastflow.config import load_config
+    from fastflow.methods import create_method_from_config
+
+    config_file = Path(__file__).resolve().parents[1] / "configs" / "fmm_digits.yaml"
+    cfg = load_config(config_file, ["model.dropout=0.1", "flow_map_matching.derivative=finite_difference"])
+    with pytest.raises(ValueError, match="model.dropout=0"):
+        create_method_from_config(cfg)

@@ -127,11 +127,20 @@ class DDPM(BaseMethod):
 
     @staticmethod
     def ddim_timesteps(num_timesteps: int, num_steps: int) -> list:
-        """[T−1, …, 0] evenly spaced (num_steps of them), then the −1 sentinel."""
+        """[T−1, …, 0] evenly spaced (num_steps of them), then the −1 sentinel.
+
+        The course's ``linspace(0, T−1, n).long()`` in exact integer arithmetic, ⌊k·(T−1)/(n−1)⌋:
+        float32 linspace truncates some to the step below (T = 1000, n = 220: 332 for 333), which
+        the course's code did at 21 step counts of 2…1000.
+        """
+        if not 1 <= num_steps <= num_timesteps:
+            raise ValueError(
+                f"DDIM num_steps={num_steps}: expected 1 … num_timesteps={num_timesteps} "
+                f"(more steps than timesteps would repeat timesteps)")
         if num_steps == 1:  # linspace would give [0]: one step must start from pure noise
             return [num_timesteps - 1, -1]
-        steps = torch.linspace(0, num_timesteps - 1, num_steps).long().flip(0).tolist()
-        return steps + [-1]
+        span = num_timesteps - 1
+        return [(k * span) // (num_steps - 1) for k in range(num_steps - 1, -1, -1)] + [-1]
 
     @torch.no_grad()
     def sample(

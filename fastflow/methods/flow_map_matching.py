@@ -23,6 +23,14 @@ def _bcast(t: Tensor, x: Tensor) -> Tensor:
     return t.reshape(-1, *([1] * (x.dim() - 1)))
 
 
+def _dropout_rates(model: nn.Module):
+    """Dropout probabilities > 0 anywhere in ``model`` (nn.Dropout modules, blocks' ``dropout``)."""
+    for module in model.modules():
+        rate = module.p if isinstance(module, nn.modules.dropout._DropoutNd) else getattr(module, "dropout", 0.0)
+        if isinstance(rate, (int, float)) and rate > 0:
+            yield float(rate)
+
+
 class FlowMapMatching(BaseMethod):
     """Flow Map Matching around a :class:`~fastflow.models.DualTimeUNet` ``model(x, s, t)``."""
 
@@ -55,17 +63,20 @@ class FlowMapMatching(BaseMethod):
         self.derivative_grad = derivative_grad
         self.derivative_precision = derivative_precision
         self.fd_step = fd_step
+        if derivative == "finite_difference":
+            rate = max(_dropout_rates(model), default=0.0)
+            if rate > 0:
+                raise ValueError(
+                    f"flow_map_matching.derivative=finite_difference needs a model without dropout "
+                    f"(model.dropout=0; found dropout {rate}): the two halves of the doubled batch "
+                    f"would draw different masks, and their difference is divided by 2h"
+                )
         # Survives checkpointing; advanced only by sample_time_pairs in training mode.
         self.register_buffer("_step", torch.zeros((), dtype=torch.long))
 
     @classmethod
     def from_config(cls, model: nn.Module, config: Any) -> "FlowMapMatching":
         c = config.flow_map_matching
-        if c.derivative == "finite_difference" and config.model.dropout > 0:
-            raise ValueError(
-                f"flow_map_matching.derivative=finite_difference needs model.dropout=0 (got "
-                f"{config.model.dropout}): the two halves of the doubled batch would draw different masks"
-            )
         return cls(
             model,
             num_timesteps=c.num_timesteps,
@@ -113,22 +124,28 @@ class FlowMapMatching(BaseMethod):
             progress = (1.0 - torch.cos(math.pi * progress)) / 2.0
         return self.initial_gap + (1.0 - self.initial_gap) * progress
 
-    def sample_time_pairs(self, batch_size: int, device: Optional[torch.device] = None) -> Tuple[Tensor, Tensor, Tensor]:
-        """(s, t, gap): δ = t − s with density ∝ (gap − δ) on [σ, gap], s uniform in its feasible range.
+    def current_time_gap(self) -> Tensor:
+        """The gap the next :meth:`sample_time_pairs` draws with: ``get_time_gap(step)`` capped at 1 − σ."""
+        return self.get_time_gap(self._step).clamp(max=1.0 - self.sigma_min)
+
+    def sample_time_pairs(self, batch_size: int, device: Optional[torch.device] = None) -> Tuple[Tensor, Tensor]:
+        """(s, t) as the course returns them: δ = t − s with density ∝ (gap − δ) on [σ, gap], s
+        uniform in its feasible range, gap = :meth:`current_time_gap` (read it before the call:
+        in training mode the call advances the step).
 
         δ = gap − (gap − σ)·√(1 − u) (inverse CDF of the triangular density), gap capped at 1 − σ;
         s ~ U[σ, 1 − δ] so that σ ≤ s < t ≤ 1 — the whole triangle once gap reaches 1 (the course
         sampled s ≤ gap − δ, which confines pairs near t = 0 while gap is small).
         """
         device = device or self._step.device
-        gap = self.get_time_gap(self._step).clamp(max=1.0 - self.sigma_min)
+        gap = self.current_time_gap()
         if self.training:
             self._step += 1
         sigma = self.sigma_min
         u = torch.rand(batch_size, device=device)
         delta = gap - (gap - sigma) * torch.sqrt(1.0 - u)
         s = sigma + torch.rand(batch_size, device=device) * (1.0 - delta - sigma).clamp(min=0.0)
-        return s, s + delta, gap
+        return s, s + delta
 
     # ------------------------------------------------------------------ loss
     def lagrangian_loss(self, s: Tensor, t: Tensor, I_t: Tensor, I_t_dot: Tensor) -> Tuple[Tensor, Dict[str, Tensor]]:
@@ -151,7 +168,8 @@ class FlowMapMatching(BaseMethod):
 
     def compute_loss(self, x_1: Tensor, **kwargs: Any) -> Tuple[Tensor, Metrics]:
         x_0 = torch.randn_like(x_1)
-        s, t, gap = self.sample_time_pairs(x_1.shape[0], x_1.device)
+        gap = self.current_time_gap()  # before sample_time_pairs advances the step
+        s, t = self.sample_time_pairs(x_1.shape[0], x_1.device)
         I_t = self.interpolant_I_t(t, x_0, x_1)
         I_t_dot = self.interpolant_I_t_dot(t, x_0, x_1)
         loss, parts = self.lagrangian_loss(s, t, I_t, I_t_dot)
