@@ -14,7 +14,8 @@ saved, and the backward recomputes P tile by tile. Nothing of size L×L is ever 
 
 All four parts are fused Triton kernels, none falls back to recomputation in PyTorch:
 
-- ``_attention_fwd_kernel``: O and lse = logsumexp(S) per row.
+- ``_attention_fwd_kernel``: O and the row logsumexp, saved in base 2 (lse₂ = log₂ Σ_j 2^(S_ij·log₂e),
+  the form the backward's exp2 consumes: no ln 2 / log₂e round trip in its rounding).
 - ``_attention_bwd_preprocess_kernel`` + ``_attention_bwd_dkdv_kernel`` + ``_attention_bwd_dq_kernel``:
   the FA-2 backward (δ = rowsum(dO ⊙ O); dS = P ⊙ (dO·Vᵀ − δ); dQ = c·dS·K, dK = c·dSᵀ·Q,
   dV = Pᵀ·dO), one program per key tile for dK/dV and one per query tile for dQ (no atomics).
@@ -87,7 +88,7 @@ def _attention_fwd_kernel(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """O = softmax(c·Q·Kᵀ)·V and lse = log Σ_j exp(S_ij) for one (batch·head, query tile).
+    """O = softmax(c·Q·Kᵀ)·V and lse₂ = log₂ Σ_j 2^(s_ij) for one (batch·head, query tile).
 
     Online softmax (FA-2, Alg. 1), in base 2: s = S·log2(e), m = running row max,
     l ← l·2^(m_old − m) + Σ_j 2^(s_j − m), acc ← acc·2^(m_old − m) + 2^(s − m)·V; O = acc / l.
@@ -131,8 +132,8 @@ def _attention_fwd_kernel(
     o = acc / l_i[:, None]
     o_ptrs = O_ptr + bh * seqlen_q * HEAD_DIM_V + offs_m[:, None] * HEAD_DIM_V + offs_dv[None, :]
     tl.store(o_ptrs, o.to(O_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_dv[None, :])
-    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
-    tl.store(LSE_ptr + bh * seqlen_q + offs_m, lse, mask=mask_m)
+    lse2 = m_i + tl.log2(l_i)
+    tl.store(LSE_ptr + bh * seqlen_q + offs_m, lse2, mask=mask_m)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -179,7 +180,7 @@ def _attention_bwd_dkdv_kernel(
 ):
     """dK = c·dSᵀ·Q and dV = Pᵀ·dO for one key tile, streaming query tiles (FA-2, Alg. 2).
 
-    Works on transposed tiles: Pᵀ = exp(Sᵀ − lse), dPᵀ = V·dOᵀ, dSᵀ = Pᵀ ⊙ (dPᵀ − δ).
+    Works on transposed tiles: Pᵀ = 2^(sᵀ − lse₂), dPᵀ = V·dOᵀ, dSᵀ = Pᵀ ⊙ (dPᵀ − δ).
     """
     pid = tl.program_id(0)
     pid_n = pid % num_n_blocks
@@ -211,7 +212,7 @@ def _attention_bwd_dkdv_kernel(
                     mask=mask_m[:, None] & mask_d[None, :], other=0.0)
         do = tl.load(do_base + rows[:, None] * HEAD_DIM_V + offs_dv[None, :],
                      mask=mask_m[:, None] & mask_dv[None, :], other=0.0)
-        lse2 = tl.load(LSE_ptr + bh * seqlen_q + rows, mask=mask_m, other=0.0) * 1.4426950408889634
+        lse2 = tl.load(LSE_ptr + bh * seqlen_q + rows, mask=mask_m, other=0.0)
         delta = tl.load(Delta_ptr + bh * seqlen_q + rows, mask=mask_m, other=0.0)
 
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
@@ -253,7 +254,7 @@ def _attention_bwd_dq_kernel(
     q = tl.load(Q_ptr + q_offs, mask=mask_md, other=0.0)
     do = tl.load(dO_ptr + bh * seqlen_q * HEAD_DIM_V + offs_m[:, None] * HEAD_DIM_V + offs_dv[None, :],
                  mask=mask_m[:, None] & mask_dv[None, :], other=0.0)
-    lse2 = tl.load(LSE_ptr + bh * seqlen_q + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
+    lse2 = tl.load(LSE_ptr + bh * seqlen_q + offs_m, mask=mask_m, other=0.0)
     delta = tl.load(Delta_ptr + bh * seqlen_q + offs_m, mask=mask_m, other=0.0)
     k_base = K_ptr + bh * seqlen_k * HEAD_DIM
     v_base = V_ptr + bh * seqlen_k * HEAD_DIM_V
@@ -292,7 +293,7 @@ def _attention_dual_kernel(
     HAS_Q_DOT: tl.constexpr, HAS_K_DOT: tl.constexpr, HAS_V_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """O, Ȯ = (P ⊙ Ṡ)·V − μ·O + P·V̇, lse and μ = rowsum(P ⊙ Ṡ) in one online-softmax pass.
+    """O, Ȯ = (P ⊙ Ṡ)·V − μ·O + P·V̇, lse₂ and μ = rowsum(P ⊙ Ṡ) in one online-softmax pass.
 
     Besides FA-2's (m, l, acc_O) each row keeps, in the same exp(−m) units and rescaled by the
     same factor α = 2^(m_old − m_new):
@@ -370,8 +371,8 @@ def _attention_dual_kernel(
     mask_mdv = mask_m[:, None] & mask_dv[None, :]
     tl.store(O_ptr + o_offs, (acc_o / l_i[:, None]).to(O_ptr.dtype.element_ty), mask=mask_mdv)
     tl.store(O_dot_ptr + o_offs, (acc_t / l_i[:, None]).to(O_dot_ptr.dtype.element_ty), mask=mask_mdv)
-    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
-    tl.store(LSE_ptr + bh * seqlen_q + offs_m, lse, mask=mask_m)
+    lse2 = m_i + tl.log2(l_i)
+    tl.store(LSE_ptr + bh * seqlen_q + offs_m, lse2, mask=mask_m)
     tl.store(MU_ptr + bh * seqlen_q + offs_m, shift, mask=mask_m)
 
 
@@ -433,7 +434,7 @@ def _attention_dual_bwd_dkdv_kernel(
         q_dot = tl.load(Q_dot_ptr + q_offs, mask=mask_md, other=0.0)
         do = tl.load(dO_ptr + do_offs, mask=mask_mdv, other=0.0)
         do_dot = tl.load(dO_dot_ptr + do_offs, mask=mask_mdv, other=0.0)
-        lse2 = tl.load(LSE_ptr + row_base + rows, mask=mask_m, other=0.0) * 1.4426950408889634
+        lse2 = tl.load(LSE_ptr + row_base + rows, mask=mask_m, other=0.0)
         mu = tl.load(MU_ptr + row_base + rows, mask=mask_m, other=0.0)
         delta = tl.load(Delta_ptr + row_base + rows, mask=mask_m, other=0.0)
         r = tl.load(R_ptr + row_base + rows, mask=mask_m, other=0.0)
@@ -501,7 +502,7 @@ def _attention_dual_bwd_dq_kernel(
     do = tl.load(dO_ptr + do_offs, mask=mask_mdv, other=0.0)
     do_dot = tl.load(dO_dot_ptr + do_offs, mask=mask_mdv, other=0.0)
     row_offs = bh * seqlen_q + offs_m
-    lse2 = tl.load(LSE_ptr + row_offs, mask=mask_m, other=0.0) * 1.4426950408889634
+    lse2 = tl.load(LSE_ptr + row_offs, mask=mask_m, other=0.0)
     mu = tl.load(MU_ptr + row_offs, mask=mask_m, other=0.0)
     delta = tl.load(Delta_ptr + row_offs, mask=mask_m, other=0.0)
     r = tl.load(R_ptr + row_offs, mask=mask_m, other=0.0)
@@ -673,7 +674,8 @@ def _device_guard(device: torch.device):
 
 
 def _attention_fwd_launch(q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
-    """(O, lse): O (B, H, Lq, Dv) in q.dtype, lse (B, H, Lq) float32 natural logsumexp of S."""
+    """(O, lse): O (B, H, Lq, Dv) in q.dtype, lse (B, H, Lq) float32 logsumexp of S in base 2
+    (log₂ Σ_j 2^(S_ij·log₂e) = logsumexp(S)·log₂e): what the backward kernels read."""
     _check_inputs(q, k, v)
     q, k, v = _prep(q, q), _prep(k, q), _prep(v, q)
     batch, heads, seqlen_q, head_dim = q.shape

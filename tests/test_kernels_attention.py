@@ -167,11 +167,12 @@ def test_dual_partial_tangents_and_grads(present, upstream, seed):
 @pytest.mark.parametrize("form", ["plain", "dual"])
 def test_fp32_grads_at_peaked_rows_near_autograd_precision(form, seed):
     """float32 gradients where the softmax is peaked (scores up to ~±30): the RMS error of every
-    gradient against the float64 reference, summed, within 3.5x of float32 autograd through the
-    reference on the same inputs. Measured (interpreter, 40 draws): plain 1.35–2.05x (the
-    recomputed P carries the rounding of the saved lse and of base-2 scores), dual 0.70–2.42x;
-    on the same measure the C++ kernels before their row renormalisation were 1.7–6x (plain) and
-    up to 4.2x (dual).
+    gradient against the float64 reference, summed, within 3x of float32 autograd through the
+    reference on the same inputs. Measured (interpreter, 80 draws, lse saved in base 2): plain
+    1.22–2.14x, median 1.55 (the recomputed P carries the rounding of the saved lse and of the
+    base-2 scores), dual 0.60–2.00x, median 1.17; with lse saved as a natural log (×log₂e on
+    load) plain was 1.51–2.28x, median 1.76 (30 draws). On the same measure the C++ kernels
+    before their row renormalisation were 1.7–6x (plain) and up to 4.2x (dual).
     The interpreter only: on CUDA, float32 dots are 3xTF32/TF32 and autograd's are cuBLAS's."""
     if DEVICE == "cuda":
         pytest.skip("compares float32 rounding with autograd's on the CPU")
@@ -190,7 +191,7 @@ def test_fp32_grads_at_peaked_rows_near_autograd_precision(form, seed):
     ref = grads(reference, torch.float64)
     err_kernel = checks.summed_rms_error(grads(kernel, torch.float32), ref)
     err_autograd = checks.summed_rms_error(grads(reference, torch.float32), ref)
-    assert err_kernel <= 3.5 * err_autograd, (
+    assert err_kernel <= 3.0 * err_autograd, (
         f"seed={seed}: {form} Triton float32 gradient RMS error {err_kernel:.3e} vs autograd's {err_autograd:.3e}")
 
 
