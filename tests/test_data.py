@@ -130,6 +130,61 @@ def image_tree(tmp_path):
     return root
 
 
+def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path):
+    """PIL's convert() clips 16-bit greyscale at 255 (nearly all white): scaled to 8 bits instead."""
+    ramp = (np.arange(256, dtype=np.uint32) * 257).astype(np.uint16).reshape(16, 16)  # 257·k -> k
+    Image.fromarray(ramp).save(tmp_path / "ramp16.png")
+    with Image.open(tmp_path / "ramp16.png") as image:
+        assert image.mode.startswith("I;16")
+    for channels in (1, 3):
+        got = ImageFolderDataset(tmp_path, 16, channels, augment=False).load_uint8(0)
+        assert got.shape == (channels, 16, 16)
+        for c in range(channels):
+            np.testing.assert_array_equal(got[c].numpy(), np.arange(256).reshape(16, 16))
+    from fastflow.data.transforms import pil_to_uint8
+
+    for mode, array in (("I", np.full((8, 8), 70000, np.int32)), ("F", np.full((8, 8), 0.5, np.float32))):
+        with pytest.raises(ValueError, match=f"PIL mode {mode}\\)"):
+            pil_to_uint8(Image.fromarray(array, mode=mode), 8, 1)
+
+
+def test_linked_folders_are_read_once(tmp_path):
+    """Links are followed, but a cycle (a/up -> ..) or a second link to a folder adds nothing."""
+    root = tmp_path / "root"
+    (root / "a").mkdir(parents=True)
+    (root / "train").mkdir()
+    _solid((1, 2, 3), (8, 8)).save(root / "a" / "x.png")
+    _solid((4, 5, 6), (8, 8)).save(root / "train" / "y.png")
+    (root / "a" / "up").symlink_to("..", target_is_directory=True)
+    (root / "all").symlink_to("train", target_is_directory=True)
+    external = tmp_path / "elsewhere"
+    external.mkdir()
+    _solid((7, 8, 9), (8, 8)).save(external / "z.png")
+    (root / "more").symlink_to(external, target_is_directory=True)
+    names = [p.relative_to(root).as_posix() for p in ImageFolderDataset(root, 8, augment=False).files]
+    assert names == ["a/x.png", "all/y.png", "more/z.png"]
+
+
+def test_system_errors_are_not_bad_images(tmp_path, monkeypatch):
+    """Permission and I/O errors propagate (skip mode must not replace an image it failed to read);
+    a file's bad content is a BadImageError naming it."""
+    from fastflow.data import datasets
+
+    _solid((1, 2, 3), (8, 8)).save(tmp_path / "x.png")
+    dataset = ImageFolderDataset(tmp_path, 8, augment=False, on_bad_image="skip")
+    for error in (PermissionError(13, "Permission denied", str(tmp_path / "x.png")), OSError(5, "Input/output error"),
+                  MemoryError()):
+        def raising(path, error=error):
+            raise error
+
+        monkeypatch.setattr(datasets.Image, "open", raising)
+        with pytest.raises(type(error)):
+            dataset.load_uint8(0)
+    monkeypatch.setattr(datasets.Image, "open", lambda path: (_ for _ in ()).throw(OSError("image file is truncated")))
+    with pytest.raises(BadImageError, match="x.png.*truncated"):
+        datasets.decode_image_file(tmp_path / "x.png", 8, 3)
+
+
 def test_image_folder_lists_decodes_and_resizes(image_tree):
     dataset = ImageFolderDataset(image_tree, image_size=32, channels=3, augment=False)
     names = [p.relative_to(image_tree).as_posix() for p in dataset.files]
@@ -246,6 +301,70 @@ def test_prepare_folder_round_trip(image_tree, tmp_path):
         assert torch.equal(prepared.load_uint8(k), folder.load_uint8(i))
     with pytest.raises(ValueError, match="32x32x3"):
         ArrayDataset(path, image_size=32)
+
+
+def test_prepare_cli_manifest_and_staleness(image_tree, tmp_path, capsys):
+    from fastflow.data.prepare import check_prepared, main, read_manifest
+
+    dst = tmp_path / "out" / "prepared.npy"
+    assert main([str(image_tree), str(dst), "--image-size", "16"]) == 0
+    assert "wrote" in capsys.readouterr().out and np.load(dst).shape == (6, 16, 16, 3)
+    manifest = read_manifest(dst)
+    assert manifest["shape"] == [6, 16, 16, 3] and manifest["num_source_files"] == 6 and manifest["skipped"] == []
+    assert sorted(p.name for p in dst.parent.iterdir()) == ["prepared.npy", "prepared.npy.json"]  # no temp files
+    assert check_prepared(dst) == [] and main(["--check", str(dst)]) == 0
+    assert main([str(image_tree), str(dst), "--image-size", "16"]) == 0  # up to date: nothing done
+    assert "nothing to do" in capsys.readouterr().out
+    assert any("image_size=16, not 32" in r for r in check_prepared(dst, image_size=32))
+
+    _solid((1, 2, 3), (16, 16)).save(image_tree / "b" / "new.png")  # the folder grows
+    reasons = check_prepared(dst)
+    assert len(reasons) == 1 and "6 image files then, 7 now" in reasons[0]
+    assert main(["--check", str(dst)]) == 1 and "stale" in capsys.readouterr().err
+    assert main([str(image_tree), str(dst), "--image-size", "16"]) == 0  # stale: prepared again
+    assert np.load(dst).shape[0] == 7 and check_prepared(dst) == []
+
+    (image_tree / "broken.png").write_bytes(b"garbage")
+    assert main([str(image_tree), str(tmp_path / "x.npy"), "--image-size", "16"]) == 2  # error mode
+    assert "broken.png" in capsys.readouterr().err and not (tmp_path / "x.npy").exists()
+    assert main([str(tmp_path / "missing"), str(tmp_path / "x.npy")]) == 2
+    assert "missing" in capsys.readouterr().err
+
+
+def test_prepared_array_errors_name_the_file(image_tree, tmp_path):
+    dst = prepare_folder(image_tree, tmp_path / "p.npy", 16)
+    truncated = tmp_path / "truncated.npy"
+    truncated.write_bytes(dst.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="truncated.npy.*prepare it again"):
+        ArrayDataset(truncated, 16)
+    junk = tmp_path / "junk.npy"
+    junk.write_bytes(b"not numpy at all")
+    with pytest.raises(ValueError, match="junk.npy"):
+        ArrayDataset(junk, 16)
+    np.save(tmp_path / "other.npy", np.zeros((2, 16, 16, 3), np.uint8))  # array and manifest mixed up
+    (tmp_path / "other.npy.json").write_bytes((tmp_path / "p.npy.json").read_bytes())
+    with pytest.raises(ValueError, match=r"other.npy holds \[2, 16, 16, 3\].*says \[6, 16, 16, 3\]"):
+        ArrayDataset(tmp_path / "other.npy", 16)
+    gray = prepare_folder(image_tree, tmp_path / "g.npy", 16, channels=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns on tensors over read-only memory
+        cache = ArrayDataset(gray, 16, channels=1).as_uint8_tensor()
+    cache += 0  # writable
+
+
+def test_prepare_folder_atomic_on_failure(image_tree, tmp_path, monkeypatch):
+    """A failure while writing leaves the previous array and no temp file."""
+    dst = prepare_folder(image_tree, tmp_path / "p.npy", 16)
+    before = dst.read_bytes()
+
+    def fail(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "save", fail)
+    with pytest.raises(OSError, match="No space"):
+        prepare_folder(image_tree, dst, 16)
+    assert dst.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images", "p.npy"]  # old manifest removed first
 
 
 # ----------------------------------------------------------------------------------- hub

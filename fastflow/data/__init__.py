@@ -18,7 +18,8 @@ drop_last, device, ...)`` -> an infinite iterator of float32 ``(B, C, S, S)`` ba
 ``[-1, 1]`` with ``state_dict()`` / ``load_state_dict()``; ``ResumableDataLoader`` (torch),
 ``DeviceCachedLoader`` (gpu_cache), ``ShardPlan`` / ``epoch_plan`` (the shared order).
 
-``prepare_folder(src, dst, image_size)`` (:mod:`.prepare`) writes a folder once as a ``.npy``.
+``prepare_folder(src, dst, image_size)`` (:mod:`.prepare`, also ``python -m fastflow.data.prepare``)
+writes a folder once as a ``.npy`` with a manifest; ``check_prepared(dst)`` says if it is stale.
 """
 
 from .datasets import (
@@ -39,7 +40,6 @@ from .loaders import (
     create_dataloader_from_config,
     epoch_plan,
 )
-from .prepare import prepare_folder
 from .transforms import make_grid, normalize, save_image, to_uint8_nhwc, uint8_to_float, unnormalize
 
 __all__ = [
@@ -64,4 +64,15 @@ __all__ = [
     "build_uint8_cache",
     "create_dataloader_from_config",
     "prepare_folder",
+    "check_prepared",
 ]
+
+
+def __getattr__(name):
+    # Imported on first use, so that `python -m fastflow.data.prepare` runs the module fresh
+    # (runpy warns when the package has already imported it).
+    if name in ("prepare_folder", "check_prepared"):
+        from . import prepare
+
+        return getattr(prepare, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

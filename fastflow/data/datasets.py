@@ -20,6 +20,7 @@ same whichever worker process loads them and across resumes.
 from __future__ import annotations
 
 import functools
+import json
 import importlib.util
 import os
 import warnings
@@ -164,10 +165,17 @@ class ImageDataset(Dataset):
 def list_image_files(root: Path) -> List[Path]:
     """All ``.jpg/.jpeg/.png`` files (any case) under ``root``, recursively, sorted by relative
     POSIX path (deterministic across filesystems). Hidden files and folders (``.*``, e.g. macOS
-    ``._x.jpg`` resource forks) are ignored."""
+    ``._x.jpg`` resource forks) are ignored. Symbolic links to folders are followed, but each
+    folder is read once: a link cycle or a second link to the same folder adds nothing."""
     found: List[Tuple[str, Path]] = []
+    seen_dirs = set()  # (st_dev, st_ino) of every folder walked: links are followed, once each
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        stat = os.stat(dirpath)
+        if (stat.st_dev, stat.st_ino) in seen_dirs:  # a link cycle (a/up -> ..) or a second alias
+            dirnames[:] = []
+            continue
+        seen_dirs.add((stat.st_dev, stat.st_ino))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in filenames:
             if name.startswith(".") or not name.lower().endswith(IMAGE_EXTENSIONS):
                 continue
@@ -179,7 +187,9 @@ def list_image_files(root: Path) -> List[Path]:
 
 def decode_image_file(path: Path, image_size: int, channels: int) -> Tensor:
     """Decode one file to uint8 ``(C, S, S)`` (see :func:`~fastflow.data.transforms.pil_to_uint8`);
-    any decoder failure becomes :class:`BadImageError` naming the file."""
+    a decoder failure becomes :class:`BadImageError` naming the file. Errors of the system, not of
+    the file's content (permission denied, I/O errors: an ``OSError`` with an errno; out of
+    memory) propagate: ``on_bad_image=skip`` must not replace images it merely failed to read."""
     try:
         with Image.open(path) as image:
             if image.format == "JPEG" and min(image.size) >= 2 * image_size:
@@ -189,6 +199,12 @@ def decode_image_file(path: Path, image_size: int, channels: int) -> Tensor:
             return pil_to_uint8(image, image_size, channels)
     except FileNotFoundError as exc:
         raise BadImageError(f"image file disappeared: {path} ({exc})") from exc
+    except MemoryError:
+        raise
+    except OSError as exc:
+        if exc.errno is not None:  # EACCES, EIO, ESTALE, ...: the system's, not the file's
+            raise
+        raise BadImageError(f"cannot decode image file {path}: {type(exc).__name__}: {exc}") from exc
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ...
         raise BadImageError(f"cannot decode image file {path}: {type(exc).__name__}: {exc}") from exc
 
@@ -333,9 +349,34 @@ class HubDataset(ImageDataset):
 
 
 # ------------------------------------------------------------------------------------ array
+MANIFEST_FORMAT = "fastflow-prepared-images/1"
+
+
+def manifest_path(dst: str | os.PathLike) -> Path:
+    """``<dst>.json``: the manifest written next to a prepared array."""
+    dst = Path(dst).expanduser()
+    return dst.with_name(dst.name + ".json")
+
+
+def read_manifest(dst: str | os.PathLike) -> Optional[Dict[str, Any]]:
+    """The manifest of a prepared array, or None if it has none; a clear error if it is unreadable."""
+    path = manifest_path(dst)
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: unreadable manifest of a prepared array ({exc}); prepare it again") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise ValueError(f"{path}: not a fastflow manifest (format {MANIFEST_FORMAT!r} expected); prepare it again")
+    return manifest
+
+
 class ArrayDataset(ImageDataset):
     """A prepared uint8 array ``(N, S, S, C)`` in a ``.npy`` file (see ``prepare_folder``),
-    memory-mapped: no decoding at all. Its size and channels must match the config."""
+    memory-mapped: no decoding at all. Its size and channels must match the config, and its shape
+    its manifest's (``<file>.npy.json``, if present; ``python -m fastflow.data.prepare --check``
+    compares it with the source folder)."""
 
     def __init__(self, path: str | os.PathLike, image_size: int = 64, channels: int = 3, augment: bool = True):
         super().__init__(image_size, channels, augment, "error")
@@ -343,7 +384,13 @@ class ArrayDataset(ImageDataset):
         self.source = str(self.path)
         if not self.path.is_file():
             raise FileNotFoundError(f"prepared image array not found: {self.path}")
-        self._array = np.load(self.path, mmap_mode="r")
+        try:
+            self._array = np.load(self.path, mmap_mode="r")
+        except (OSError, ValueError) as exc:  # truncated, not a .npy, pickled objects, ...
+            raise ValueError(
+                f"{self.path}: cannot be read as a prepared image array ({type(exc).__name__}: {exc}); "
+                f"prepare it again (python -m fastflow.data.prepare SRC {self.path})"
+            ) from exc
         shape = tuple(self._array.shape)
         if self._array.dtype != np.uint8 or len(shape) != 4:
             raise ValueError(f"{self.path}: expected a uint8 array (N, H, W, C), got {self._array.dtype} {shape}")
@@ -354,6 +401,13 @@ class ArrayDataset(ImageDataset):
             )
         if shape[0] == 0:
             raise FileNotFoundError(f"prepared image array {self.path} holds no images")
+        manifest = read_manifest(self.path)
+        if manifest is not None and manifest["shape"] != list(shape):
+            raise ValueError(
+                f"{self.path} holds {list(shape)} but its manifest {manifest_path(self.path).name} says "
+                f"{manifest['shape']} (an interrupted or mixed-up copy?); prepare it again"
+            )
+        self.manifest = manifest
 
     def __len__(self) -> int:
         return int(self._array.shape[0])
@@ -362,7 +416,8 @@ class ArrayDataset(ImageDataset):
         return torch.from_numpy(np.array(self._array[index], copy=True)).permute(2, 0, 1).contiguous()
 
     def as_uint8_tensor(self) -> Tensor:
-        return torch.from_numpy(np.ascontiguousarray(np.asarray(self._array).transpose(0, 3, 1, 2)))
+        # a copy: with one channel the transpose is already contiguous and would stay on the read-only map
+        return torch.from_numpy(np.array(self._array.transpose(0, 3, 1, 2), order="C", copy=True))
 
 
 # ----------------------------------------------------------------------------------- digits

@@ -159,11 +159,21 @@ def pil_to_uint8(image: Image.Image, image_size: int, channels: int) -> Tensor:
     """A decoded PIL image -> uint8 tensor ``(C, image_size, image_size)``.
 
     Mode: converted to RGB (channels=3) or L (channels=1); alpha is dropped (palette images with
-    transparency go through RGBA first). Geometry: a non-square image is center-cropped to its
+    transparency go through RGBA first); 16-bit greyscale is scaled to 8 bits, 32-bit integer and
+    float images are refused (no defined range). Geometry: a non-square image is center-cropped to its
     shorter side, then resized with PIL's bicubic filter (antialiased when shrinking) if its side
     differs from ``image_size``.
     """
     mode = _check_channels(channels)
+    if image.mode.startswith("I;16"):
+        # 16-bit greyscale (PNG): PIL's convert("L"/"RGB") clips at 255, which turns nearly every
+        # pixel white. Scale 0..65535 to 0..255 (rounded; 257·k -> k exactly) instead.
+        wide = np.asarray(image, dtype=np.uint32)
+        image = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), mode="L")
+    elif image.mode in ("I", "F"):
+        raise ValueError(
+            f"{'32-bit integer' if image.mode == 'I' else 'floating-point'} image (PIL mode {image.mode}): "
+            f"its value range is not defined; convert it to 8- or 16-bit first")
     if image.mode != mode:
         if image.mode in ("P", "PA", "LA") or "transparency" in image.info:
             image = image.convert("RGBA")
