@@ -39,7 +39,16 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name in ("num_samples", "batch_size", "num_steps"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name} must be at least 1, got {value}")
+    if not (math.isfinite(args.eta) and args.eta >= 0):
+        p.error(f"--eta must be a finite number >= 0, got {args.eta}")
+    if Path(args.output).suffix.lower() not in (".png", ".npz"):  # before sampling, not after
+        p.error(f"--output must end in .png or .npz, got {args.output}")
+    return args
 
 
 def load_method(checkpoint: str, cli_method: str, use_ema: bool, device: torch.device):
@@ -55,7 +64,10 @@ def load_method(checkpoint: str, cli_method: str, use_ema: bool, device: torch.d
     config.model.fused_kernels = config.model.fused_kernels and device.type == "cuda"
     method = create_method_from_config(config)
     state = strip_module_prefix(ckpt["model"])
-    method.load_state_dict(state)
+    try:
+        method.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{ckpt['_path']}: its weights do not fit the model its config builds ({exc})") from exc
     if use_ema:
         ema = ckpt.get("ema")
         if not ema:
@@ -92,6 +104,10 @@ def main(argv=None) -> int:
         kwargs = {"num_steps": args.num_steps or 100, "solver": args.solver or config.sampling.solver}
     else:
         kwargs = {"num_steps": args.num_steps or config.sampling.num_steps}
+    if kwargs.get("sampler") == "ddim" and kwargs["num_steps"] > method.num_timesteps:
+        print(f"error: --num_steps {kwargs['num_steps']} exceeds the checkpoint's {method.num_timesteps} "
+              f"timesteps (DDIM takes a subset of them)", file=sys.stderr)
+        return 2
 
     generator = torch.Generator(device=device).manual_seed(args.seed)
     chunks = []
@@ -111,11 +127,8 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix.lower() == ".npz":
         np.savez_compressed(out, images=to_uint8_nhwc(samples))
-    elif out.suffix.lower() == ".png":
-        save_image(samples, out, nrow=max(1, int(math.sqrt(args.num_samples))))
     else:
-        print(f"error: --output must end in .png or .npz, got {out}", file=sys.stderr)
-        return 2
+        save_image(samples, out, nrow=max(1, int(math.sqrt(args.num_samples))))
     print(f"wrote {args.num_samples} samples ({args.method}, {kwargs}) to {out} in {seconds:.1f}s "
           f"({args.num_samples / seconds:.1f} img/s on {device})")
     return 0

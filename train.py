@@ -18,7 +18,8 @@ def parse_args(argv=None):
     parser.add_argument("--resume", default=None, help="checkpoint file, run folder, or 'auto' (latest of logging.run_name)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, type-checked against the schema")
-    return parser.parse_args(argv)
+    # intermixed: overrides may come before and after flags (… key=v --print-config key2=w)
+    return parser.parse_intermixed_args(argv)
 
 
 def main(argv=None) -> int:
@@ -34,9 +35,18 @@ def main(argv=None) -> int:
         print(yaml.safe_dump(config_to_dict(config), sort_keys=False), end="")
         return 0
     from fastflow.train import train_from_config
+    from fastflow.train.checkpoint import CheckpointError
 
-    summary = train_from_config(config, resume=args.resume, overfit=args.overfit)
-    return 0 if summary is not None else 1
+    try:
+        summary = train_from_config(config, resume=args.resume, overfit=args.overfit)
+    except CheckpointError as exc:
+        print(f"checkpoint error: {exc}", file=sys.stderr)
+        return 2
+    if summary["interrupted"]:
+        # stopped by a signal after checkpointing: 128 + signal, as a shell reports it (130 for
+        # Ctrl-C, 143 for SIGTERM), so that a scheduler does not take the job for finished
+        return 128 + int(summary["signal"] or 15)
+    return 0
 
 
 if __name__ == "__main__":

@@ -8,10 +8,11 @@ are errors that name the key, the value and the file.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import yaml
 
@@ -189,6 +190,38 @@ _CHOICES: Dict[str, Sequence[str]] = {
 }
 
 
+def _finite(x: float) -> bool:
+    return math.isfinite(x)
+
+
+# Numeric ranges, checked after every load/override (NaN fails every one): (key, test, expected).
+_RANGES: Sequence[Tuple[str, Callable[[Any], bool], str]] = (
+    ("training.learning_rate", lambda x: _finite(x) and x > 0, "a finite number > 0"),
+    ("training.weight_decay", lambda x: _finite(x) and x >= 0, "a finite number >= 0"),
+    ("training.betas", lambda x: 0 <= x < 1, "two numbers in [0, 1)"),
+    ("training.ema_decay", lambda x: 0 <= x < 1, "a number in [0, 1)"),
+    ("training.ema_start", lambda x: x >= 0, "an iteration >= 0"),
+    ("training.gradient_clip_norm", lambda x: x > 0,
+     "a number > 0 (.inf for no clipping; 0 would zero every update, a negative one reverse it)"),
+    ("training.num_samples", lambda x: x >= 1, "at least 1"),
+    ("model.dropout", lambda x: 0 <= x < 1, "a probability in [0, 1)"),
+    ("data.num_workers", lambda x: x >= 0, "0 (load in the training process) or more worker processes"),
+    ("ddpm.num_timesteps", lambda x: x >= 1, "at least 1"),
+    ("ddpm.beta_start", lambda x: 0 < x < 1, "a number in (0, 1)"),
+    ("ddpm.beta_end", lambda x: 0 < x < 1, "a number in (0, 1)"),
+    ("flow_matching.num_timesteps", lambda x: x >= 1, "at least 1"),
+    ("flow_matching.sigma_min", lambda x: 0 <= x < 0.5, "a number in [0, 0.5)"),
+    ("flow_map_matching.num_timesteps", lambda x: x >= 1, "at least 1"),
+    ("flow_map_matching.sigma_min", lambda x: 0 <= x < 0.5, "a number in [0, 0.5)"),
+    ("flow_map_matching.warmup_steps", lambda x: x >= 0, "an iteration count >= 0"),
+    ("flow_map_matching.reconstruction_weight", lambda x: _finite(x) and x >= 0, "a finite number >= 0"),
+    ("sampling.eta", lambda x: _finite(x) and x >= 0, "a finite number >= 0 (0: deterministic DDIM)"),
+    ("logging.profile_wait", lambda x: x >= 0, "a step count >= 0"),
+    ("logging.profile_warmup", lambda x: x >= 0, "a step count >= 0"),
+    ("logging.profile_active", lambda x: x >= 1, "a step count >= 1"),
+)
+
+
 # ----------------------------------------------------------------------------------- coercion
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
@@ -270,6 +303,24 @@ def _validate(cfg: Config, source: str) -> None:
     for key in positive:
         if _get(cfg, key) <= 0:
             raise ConfigError(f"{source}: {key} must be positive, got {_get(cfg, key)!r}")
+    for key, ok, expected in _RANGES:
+        value = _get(cfg, key)
+        if isinstance(value, list):
+            good = all(ok(v) for v in value)
+        else:
+            good = ok(value)
+        if not good:
+            raise ConfigError(f"{source}: {key} = {value!r}: expected {expected}")
+    data = cfg.data
+    if data.dataset == "digits" and (data.root is not None or data.from_hub):
+        given = f"data.root={data.root}" if data.root is not None else "data.from_hub=true"
+        raise ConfigError(
+            f"{source}: {given} is ignored by data.dataset=digits (the built-in digits): set "
+            f"data.dataset=folder (or celeba) to train on it, or drop {given.split('=')[0]}"
+        )
+    if not cfg.ddpm.beta_start <= cfg.ddpm.beta_end:
+        raise ConfigError(f"{source}: ddpm.beta_start={cfg.ddpm.beta_start} must not exceed "
+                          f"ddpm.beta_end={cfg.ddpm.beta_end}")
     if len(cfg.training.betas) != 2:
         raise ConfigError(f"{source}: training.betas must have two entries, got {cfg.training.betas!r}")
     if cfg.model.base_channels % cfg.model.num_groups != 0:

@@ -5,7 +5,9 @@ train.py --print-config / bad overrides are run as subprocesses (with PYTHONPATH
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -151,12 +153,41 @@ def test_override_wrong_type_names_key_and_value() -> None:
             load_config(None, [bad])
 
 
+@pytest.mark.parametrize("bad", [
+    "training.gradient_clip_norm=0", "training.gradient_clip_norm=-1", "training.learning_rate=.nan",
+    "training.learning_rate=-1e-4", "training.ema_decay=1.5", "training.ema_decay=1", "training.betas=[0.9, 1.5]",
+    "model.dropout=2", "training.num_samples=0", "data.num_workers=-1", "sampling.eta=-3",
+    "ddpm.beta_end=1.2", "flow_map_matching.sigma_min=0.5", "flow_map_matching.reconstruction_weight=.inf",
+    "logging.profile_active=0",
+])
+def test_out_of_range_values_name_key_and_value(bad: str) -> None:
+    key, value = bad.split("=")
+    with pytest.raises(ConfigError, match=rf"{re.escape(key)} = .*expected"):
+        load_config(None, [bad])
+
+
+def test_range_edges_that_mean_something_are_accepted() -> None:
+    cfg = load_config(None, ["training.gradient_clip_norm=.inf", "training.ema_decay=0", "model.dropout=0",
+                             "data.num_workers=0", "sampling.eta=0", "flow_map_matching.sigma_min=0"])
+    assert math.isinf(cfg.training.gradient_clip_norm)
+    with pytest.raises(ConfigError, match="beta_start=0.1 must not exceed ddpm.beta_end=0.02"):
+        load_config(None, ["ddpm.beta_start=0.1"])
+
+
+@pytest.mark.parametrize("given", ["data.root=/data/celeba64", "data.from_hub=true"])
+def test_digits_with_a_data_source_is_an_error(given: str) -> None:
+    """Without it, data.root=... on a digits config trained on the digits, silently."""
+    with pytest.raises(ConfigError, match=rf"{re.escape(given)} is ignored by data.dataset=digits"):
+        load_config(None, ["data.dataset=digits", given])
+    load_config(None, ["data.dataset=folder", "data.root=/data/celeba64"])
+
+
 def test_override_coercions() -> None:
-    cfg = load_config(None, ["training.learning_rate=1", "model.channel_mult=[1,2]", "training.betas=[0, 1]",
+    cfg = load_config(None, ["training.learning_rate=1", "model.channel_mult=[1,2]", "training.betas=[0, 0]",
                              "checkpoint.resume=null", "model.dropout=0", "sampling.eta=1"])
     assert cfg.training.learning_rate == 1.0 and type(cfg.training.learning_rate) is float
     assert cfg.model.channel_mult == [1, 2] and all(type(m) is int for m in cfg.model.channel_mult)
-    assert cfg.training.betas == [0.0, 1.0] and all(type(b) is float for b in cfg.training.betas)
+    assert cfg.training.betas == [0.0, 0.0] and all(type(b) is float for b in cfg.training.betas)
     assert cfg.checkpoint.resume is None and type(cfg.model.dropout) is float and type(cfg.sampling.eta) is float
     cfg = load_config(None, ["checkpoint.resume=runs/x/ckpt.pt", "training.batch_size=7.0"])
     assert cfg.checkpoint.resume == "runs/x/ckpt.pt" and cfg.training.batch_size == 7

@@ -159,6 +159,26 @@ def worker_restart(out: Path, overrides: List[str]) -> None:
     (out / f"attempts_rank{os.environ['RANK']}.json").write_text(json.dumps({"restart_count": restart_count()}))
 
 
+def worker_sizes(out: Path) -> None:
+    """Each rank reads its own folder copy, rank 1's one image short: the Trainer must refuse."""
+    from PIL import Image
+
+    from fastflow.train.loop import Trainer
+
+    rank = int(os.environ["RANK"])
+    root = out / f"images_rank{rank}"
+    root.mkdir()
+    for k in range(6 - rank):
+        Image.new("L", (8, 8), 20 * k).save(root / f"{k}.png")
+    try:
+        Trainer(make_config(out, "sizes", "data.dataset=folder", f"data.root={root}", "training.batch_size=2",
+                            "infrastructure.parallelism=ddp"), quiet=True)
+        message = "no error"
+    except ValueError as exc:
+        message = str(exc)
+    (out / f"sizes_rank{rank}.txt").write_text(message)
+
+
 def worker_main(argv: List[str]) -> None:
     import torch.distributed as dist
 
@@ -178,6 +198,8 @@ def worker_main(argv: List[str]) -> None:
             worker_train(out, job[0], job[1:])
     elif mode == "restart":
         worker_restart(out, rest)
+    elif mode == "sizes":
+        worker_sizes(out)
     else:
         raise SystemExit(f"unknown mode {mode}")
     if dist.is_initialized():
@@ -253,6 +275,11 @@ def _max_diff(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor]) -> float:
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
 
 
+def _fraction_off(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor], atol: float = 1e-5) -> float:
+    diff = torch.cat([(a[k].float() - b[k].float()).abs().flatten() for k in b])
+    return float((diff > atol).float().mean())
+
+
 def check_case(out: Path, tmp: Path, case: str, grad_rtol: float = 2e-5) -> None:
     ref_grads, ref_losses, ref_weights, ref_ema = reference_run(tmp, case)
     ranks = [torch.load(out / f"grads_{case.replace(':', '_')}_rank{r}.pt", weights_only=False) for r in range(2)]
@@ -270,9 +297,10 @@ def check_case(out: Path, tmp: Path, case: str, grad_rtol: float = 2e-5) -> None
         # move a weight by up to ~lr per step; typical coordinates agree far more tightly.
         lr = 0.002
         assert _max_diff(rec["weights"], ref_weights) <= 2 * lr * STEPS, f"{case}: rank {r} weights"
-        close = torch.cat([(rec["weights"][k] - ref_weights[k]).abs().flatten() for k in ref_weights])
-        assert float((close > 1e-5).float().mean()) < 0.01, f"{case}: rank {r}: >1% of weights off by >1e-5"
+        assert _fraction_off(rec["weights"], ref_weights) < 0.01, f"{case}: rank {r}: >1% of weights off by >1e-5"
+        # The same for the EMA: the bound alone would pass an EMA never updated on a rank.
         assert _max_diff(rec["ema"], ref_ema) <= 2 * lr * STEPS, f"{case}: rank {r} EMA"
+        assert _fraction_off(rec["ema"], ref_ema) < 0.01, f"{case}: rank {r}: >1% of EMA weights off by >1e-5"
 
 
 # ------------------------------------------------------------------------------------ tests
@@ -382,6 +410,15 @@ def test_fsdp_save_on_1_resume_on_2(tmp_path):
             assert resumed["step"] == 2  # nothing left to train: the loaded state comes straight back
             assert _max_diff(resumed["weights"], before["weights"]) == 0.0, tag
             assert _max_diff(resumed["ema"], before["ema"]) == 0.0, tag
+
+
+def test_ranks_with_different_dataset_sizes_are_refused(tmp_path):
+    """Node-local copies that differ by one file would shard overlapping ranges: every rank raises,
+    naming each rank's count (none hangs waiting for the others)."""
+    torchrun(["sizes", str(tmp_path)], timeout=180)
+    for r in range(2):
+        message = (tmp_path / f"sizes_rank{r}.txt").read_text()
+        assert "rank 0: 6, rank 1: 5" in message and "same data" in message, message
 
 
 def test_killed_rank_restarts_and_resumes_exactly(tmp_path):

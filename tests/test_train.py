@@ -90,10 +90,11 @@ def test_sigterm_checkpoints_and_resume_continues(tiny_config, monkeypatch):
         return out
 
     monkeypatch.setattr(trainer, "_train_step", step_then_signal)
+    handler_before = signal.getsignal(signal.SIGTERM)
     summary = trainer.train()
-    assert summary["interrupted"] and summary["step"] == 2
+    assert summary["interrupted"] and summary["step"] == 2 and summary["signal"] == signal.SIGTERM
     assert Path(summary["checkpoint"]).is_file()
-    assert signal.getsignal(signal.SIGTERM) is not None  # handlers restored (no crash on re-install)
+    assert signal.getsignal(signal.SIGTERM) is handler_before  # the trainer's handler is gone
 
     resumed = Trainer(tiny_config("flow_matching", f"training.num_iterations={n}", "logging.run_name=killed"),
                       resume="auto", quiet=True)
@@ -201,6 +202,87 @@ def test_sample_cli_ddpm_ddim_and_prefixes(tiny_config, tmp_path):
         assert np.load(out)["images"].shape == (2, 8, 8, 1)
 
 
+def test_resume_from_an_earlier_step_sets_later_checkpoints_aside(tiny_config):
+    """Resuming a run from step 6 when it already holds step 8 branches it: 8 is moved aside (kept),
+    so pruning by step cannot delete the new step 7 and --resume auto picks the new branch."""
+    first = Trainer(tiny_config("flow_matching", "training.num_iterations=8", "training.save_every=2",
+                                "checkpoint.keep_last=2"), quiet=True).train()
+    ckdir = Path(first["checkpoint"]).parent
+    branch = Trainer(tiny_config("flow_matching", "training.num_iterations=7", "training.save_every=1",
+                                 "checkpoint.keep_last=1"), resume=str(ckdir / "checkpoint_00000006.pt"), quiet=True)
+    summary = branch.train()
+    assert Path(summary["checkpoint"]).is_file() and Path(summary["checkpoint"]).name == "checkpoint_00000007.pt"
+    asides = [p for p in ckdir.iterdir() if p.name.startswith("superseded_")]
+    assert len(asides) == 1 and "after_step_00000006" in asides[0].name
+    assert sorted(p.name for p in asides[0].iterdir()) == ["checkpoint_00000008.pt"]
+    assert ckpt_io.latest_checkpoint(ckdir).name == "checkpoint_00000007.pt"
+    auto = Trainer(tiny_config("flow_matching", "training.num_iterations=9"), resume="auto", quiet=True)
+    assert auto.step == 7
+
+
+def test_torchrun_restart_continues_from_its_own_checkpoint(tiny_config, monkeypatch):
+    """A job started with --resume <base> that torchrun restarts resumes from its own newest
+    checkpoint, not from <base> again (which would rewind everything trained since)."""
+    base = Trainer(tiny_config("flow_matching", "training.num_iterations=2", "logging.run_name=base"), quiet=True).train()
+    job_cfg = tiny_config("flow_matching", "training.num_iterations=5", "logging.run_name=job")
+    job = Trainer(job_cfg, resume=base["checkpoint"], quiet=True)
+    assert job.step == 2
+    job_ckpt = job.train()["checkpoint"]
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    restarted = Trainer(tiny_config("flow_matching", "training.num_iterations=6", "logging.run_name=job"),
+                        resume=base["checkpoint"], quiet=True)
+    assert restarted.step == 5 and restarted.resume_path == Path(job_ckpt)
+    fresh = Trainer(tiny_config("flow_matching", "training.num_iterations=6", "logging.run_name=other"),
+                    resume=base["checkpoint"], quiet=True)
+    assert fresh.step == 2  # a restart with nothing of its own yet: the given checkpoint
+
+
+def test_resume_with_a_different_model_names_file_and_keys(tiny_config):
+    ckpt = Trainer(tiny_config("flow_matching", "training.num_iterations=1"), quiet=True).train()["checkpoint"]
+    with pytest.raises(ckpt_io.CheckpointError) as info:
+        Trainer(tiny_config("flow_matching", "model.base_channels=8", "logging.run_name=other"), resume=ckpt, quiet=True)
+    message = str(info.value)
+    assert ckpt in message and "model.base_channels (checkpoint 16, now 8)" in message
+    with pytest.raises(ckpt_io.CheckpointError, match=r"training.batch_size \(checkpoint 16, now 8\)"):
+        Trainer(tiny_config("flow_matching", "training.batch_size=8", "logging.run_name=other2"), resume=ckpt, quiet=True)
+
+
+def test_throughput_window_excludes_sampling_and_checkpoints(tiny_config, monkeypatch):
+    """img/s and s/1k img time only the training steps: on a fake clock where a step takes 1 s and
+    sampling or saving 1000 s, every logged window reads 1 s per step."""
+    from fastflow.train import loop
+
+    clock = [0.0]
+
+    class FakeTime:
+        perf_counter = staticmethod(lambda: clock[0])
+        strftime = staticmethod(loop.time.strftime)
+
+    monkeypatch.setattr(loop, "time", FakeTime)
+    cfg = tiny_config("flow_matching", "training.num_iterations=6", "training.log_every=2",
+                      "training.sample_every=1", "training.save_every=3")
+    trainer = Trainer(cfg, quiet=True)
+    step, sample, save = trainer._train_step, trainer.sample_grid, trainer.save_checkpoint
+
+    def advance(fn, seconds):
+        def wrapped(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            clock[0] += seconds
+            return out
+        return wrapped
+
+    monkeypatch.setattr(trainer, "_train_step", advance(step, 1.0))
+    monkeypatch.setattr(trainer, "sample_grid", advance(sample, 1000.0))
+    monkeypatch.setattr(trainer, "save_checkpoint", advance(save, 1000.0))
+    logged = []
+    monkeypatch.setattr(trainer, "_report", lambda metrics, progress: logged.append(metrics))
+    trainer.train()
+    assert len(logged) == 3
+    for metrics in logged:
+        assert metrics["sec_per_1k_img"] == pytest.approx(1000.0 / 16)
+        assert metrics["img_per_s"] == pytest.approx(16.0)
+
+
 def test_bad_data_root_is_a_clear_error(tiny_config, tmp_path):
     missing = tmp_path / "no-such-folder"
     cfg = tiny_config("flow_matching", "data.dataset=folder", f"data.root={missing}")
@@ -217,6 +299,45 @@ def test_train_cli_errors(tmp_path):
     res = subprocess.run([sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs/fmm_digits.yaml"),
                           "training.learning_rate=fast"], capture_output=True, text=True, env=ENV, timeout=120)
     assert res.returncode == 2 and "training.learning_rate" in res.stderr and "fast" in res.stderr
+
+
+def test_train_cli_overrides_around_flags_and_exit_status(tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(REPO))
+    import train as train_cli
+
+    config = str(REPO / "configs/fmm_digits.yaml")
+    assert train_cli.main(["--config", config, "training.batch_size=3", "--print-config", "model.num_heads=1"]) == 0
+    printed = capsys.readouterr().out
+    assert "batch_size: 3" in printed and "num_heads: 1" in printed
+    summaries = {"done": {"interrupted": False, "signal": None},
+                 "sigterm": {"interrupted": True, "signal": signal.SIGTERM},
+                 "ctrl-c": {"interrupted": True, "signal": signal.SIGINT}}
+    for name, expected in (("done", 0), ("sigterm", 143), ("ctrl-c", 130)):
+        monkeypatch.setattr("fastflow.train.train_from_config", lambda config, **kw: summaries[name])
+        assert train_cli.main(["--config", config]) == expected, name
+
+    def missing(config, **kw):
+        raise ckpt_io.CheckpointError(f"checkpoint not found: {tmp_path / 'nope.pt'}")
+
+    monkeypatch.setattr("fastflow.train.train_from_config", missing)
+    assert train_cli.main(["--config", config, "--resume", str(tmp_path / "nope.pt")]) == 2
+    assert "nope.pt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--batch_size", "0"], "--batch_size must be at least 1"),
+    (["--num_samples", "0"], "--num_samples must be at least 1"),
+    (["--num_steps", "0"], "--num_steps must be at least 1"),
+    (["--eta", "nan"], "--eta must be a finite number"),
+    (["--output", "grid.jpg"], "--output must end in .png or .npz"),
+])
+def test_sample_cli_rejects_bad_arguments_before_loading(args, message, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO))
+    import sample as sample_cli
+
+    with pytest.raises(SystemExit) as info:
+        sample_cli.parse_args(["--checkpoint", "unused.pt", "--method", "DDIM", *args])
+    assert info.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_channels_last_trains_like_contiguous(tiny_config):

@@ -26,12 +26,14 @@ import os
 import random
 import re
 import shutil
-import tempfile
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 import numpy as np
 import torch
+
+from fastflow.io import atomic_write, fsync_dir
 
 CHECKPOINT_RE = re.compile(r"^checkpoint_(\d+)\.pt$")
 STEP_DIR_RE = re.compile(r"^step_(\d+)$")
@@ -46,25 +48,7 @@ class CheckpointError(RuntimeError):
 
 def atomic_torch_save(obj: Any, path: Union[str, Path]) -> Path:
     """torch.save to ``path`` via a temp file + fsync + rename (never a half-written file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
 def list_checkpoints(directory: Union[str, Path]) -> List[Path]:
@@ -113,8 +97,33 @@ def latest_checkpoint(directory: Union[str, Path]) -> Optional[Path]:
 
 
 def prune_checkpoints(directory: Union[str, Path], keep_last: int) -> None:
+    """Keep the newest ``keep_last`` checkpoint files; clear temp files of crashed saves (only
+    rank 0 writes single-file checkpoints, and it calls this after its own save completed)."""
     for old in list_checkpoints(directory)[:-keep_last]:
         old.unlink(missing_ok=True)
+    for leftover in Path(directory).glob(".checkpoint_*.pt.*.tmp"):
+        leftover.unlink(missing_ok=True)
+
+
+def set_aside_later_checkpoints(directory: Union[str, Path], step: int) -> Optional[Path]:
+    """Move checkpoints of either kind with a step above ``step`` into ``superseded_<time>/`` of
+    ``directory`` (and drop a ``latest`` pointer naming one of them); the folder, or None.
+
+    A run resumed from an earlier checkpoint than its newest would otherwise write steps that
+    pruning (by step) deletes at once, and ``--resume auto`` would pick the abandoned branch."""
+    directory = Path(directory)
+    later = [p for p in list_checkpoints(directory) + list_sharded_checkpoints(directory) if checkpoint_step(p) > step]
+    if not later:
+        return None
+    aside = directory / f"superseded_{time.strftime('%Y%m%d-%H%M%S')}_after_step_{step:08d}"
+    aside.mkdir()
+    for path in later:
+        os.replace(path, aside / path.name)
+    pointer = directory / LATEST_POINTER
+    if pointer.is_file() and pointer.read_text().strip() in {p.name for p in later}:
+        pointer.unlink()
+    fsync_dir(directory)
+    return aside
 
 
 def remove_folder_atomically(path: Path) -> None:
@@ -140,23 +149,7 @@ def prune_sharded_checkpoints(directory: Union[str, Path], keep_last: int) -> No
 
 def write_latest_pointer(directory: Union[str, Path], name: str) -> None:
     """``latest`` ← name, atomically (temp file + fsync + rename)."""
-    directory = Path(directory)
-    fd, tmp = tempfile.mkstemp(prefix=".latest.", suffix=".tmp", dir=directory)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(name + "\n")
-        os.fchmod(handle.fileno(), 0o644)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, directory / LATEST_POINTER)
-    _fsync_dir(directory)
-
-
-def _fsync_dir(directory: Path) -> None:
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    atomic_write(Path(directory) / LATEST_POINTER, lambda handle: handle.write((name + "\n").encode()))
 
 
 def resolve_checkpoint(path: Union[str, Path]) -> Path:
@@ -332,7 +325,7 @@ def save_sharded_checkpoint(
         if final.exists():  # the same step saved again (e.g. after resuming from an older one)
             remove_folder_atomically(final)
         os.replace(tmp, final)
-        _fsync_dir(directory)
+        fsync_dir(directory)
         write_latest_pointer(directory, final.name)
         prune_sharded_checkpoints(directory, keep_last)
     _barrier()

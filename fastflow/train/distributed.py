@@ -84,6 +84,15 @@ def broadcast_object(obj, src: int = 0):
     return holder[0]
 
 
+def all_gather_object(obj) -> list:
+    """``[obj of rank 0, obj of rank 1, …]`` on every rank; ``[obj]`` without a process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def restart_count() -> int:
     """How many times torchrun (``--max-restarts``) has restarted this job's workers."""
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)

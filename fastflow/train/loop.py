@@ -23,6 +23,7 @@ from fastflow.methods import create_method_from_config
 from fastflow.train import checkpoint as ckpt_io
 from fastflow.train.distributed import (
     DistContext,
+    all_gather_object,
     any_rank_true,
     barrier,
     broadcast_object,
@@ -61,6 +62,32 @@ def autocast_context(config: Config, device: torch.device):
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if infra.precision == "bf16" else torch.float16
     return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+# Keys that change what a checkpoint holds or how the data position is read; a resumed run that
+# differs in one of them cannot load it.
+_RESUME_SENSITIVE = ("method", "model.", "data.image_size", "data.channels", "data.dataset", "data.root",
+                     "training.batch_size", "ddpm.", "flow_matching.", "flow_map_matching.num_timesteps",
+                     "infrastructure.parallelism")
+
+
+def _flatten(tree: Any, prefix: str = "") -> Dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix[:-1]: tree}
+    out: Dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_flatten(value, f"{prefix}{key}."))
+    return out
+
+
+def _config_differences(saved: Optional[Dict[str, Any]], config: Config) -> str:
+    """'; config keys that differ from the checkpoint's: k (checkpoint a, now b), ...' or ''."""
+    if not isinstance(saved, dict):
+        return ""
+    then, now = _flatten(saved), _flatten(config_to_dict(config))
+    differ = [f"{k} (checkpoint {then.get(k)!r}, now {now.get(k)!r})" for k in sorted(set(then) | set(now))
+              if then.get(k) != now.get(k) and k.startswith(_RESUME_SENSITIVE)]
+    return f"; config keys that differ from the checkpoint's: {', '.join(differ)}" if differ else ""
 
 
 class Trainer:
@@ -107,6 +134,14 @@ class Trainer:
         self.run_name = run_name
         self.run_dir = Path(config.logging.dir) / self.run_name
         self.ckpt_dir = Path(config.checkpoint.dir) / self.run_name
+        if self._resume_state is not None and self.ctx.is_main:
+            # Resuming from an earlier step than this run's newest checkpoint branches the run:
+            # the later checkpoints are moved aside (kept, not pruned over, not auto-resumed).
+            moved = ckpt_io.set_aside_later_checkpoints(self.ckpt_dir, int(self._resume_state["iteration"]))
+            if moved is not None:
+                print(f"fastflow: resuming at step {self._resume_state['iteration']} from {self.resume_path}: "
+                      f"this run's later checkpoints were moved to {moved}", file=sys.stderr, flush=True)
+        barrier()
         self._saved: Optional[Tuple[int, Optional[Path]]] = None  # (step, path) of the last save
 
         self.loss_fn, self.wrapped = build_train_module(self.method, config, self.ctx)
@@ -127,12 +162,25 @@ class Trainer:
         self.loader = create_dataloader_from_config(
             config, rank=self.ctx.rank, world_size=self.ctx.world_size, seed=infra.seed, device=self.device
         )
+        # Every rank shards the same index range: a node-local copy that differs by one file would
+        # make the shards overlap or miss images (and a resume fail on some ranks only).
+        sizes = all_gather_object(self.loader.plan.num_samples)
+        if len(set(sizes)) > 1:
+            raise ValueError(
+                f"ranks see datasets of different sizes ({', '.join(f'rank {r}: {n}' for r, n in enumerate(sizes))}) "
+                f"under data.root={config.data.root}: every rank must read the same data"
+            )
         self.step = 0
         self.images_seen = 0
         self._fixed_batch: Optional[torch.Tensor] = None
         self._stop_signal: Optional[int] = None
         if self._resume_state is not None:
-            self._load_state(self._resume_state)
+            try:
+                self._load_state(self._resume_state)
+            except (RuntimeError, ValueError, KeyError) as exc:
+                raise ckpt_io.CheckpointError(
+                    f"cannot resume from {self.resume_path}: {type(exc).__name__}: {exc}"
+                    f"{_config_differences(self._resume_state.get('config'), config)}") from exc
         self.writer = None
 
     def _find_resume(self, resume: Optional[str]) -> Tuple[Optional[Path], str]:
@@ -142,7 +190,13 @@ class Trainer:
         run_name = config.logging.run_name
         if run_name is None and elastic_run_id():
             run_name = f"{config.method}-{elastic_run_id()}"
-        resume = resume or config.checkpoint.resume or ("auto" if restart_count() > 0 else None)
+        resume = resume or config.checkpoint.resume
+        if restart_count() > 0:
+            # A torchrun restart continues this run from its own newest checkpoint, not from the
+            # job's original --resume (that would rewind everything trained since).
+            own = ckpt_io.latest_checkpoint(Path(config.checkpoint.dir) / run_name) if run_name else None
+            if own is not None or not resume:
+                resume = "auto"
         path: Optional[Path] = None
         if resume == "auto":
             if run_name is None:
@@ -281,6 +335,8 @@ class Trainer:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        # A step GradScaler skips (fp16 inf/NaN) leaves the weights; the EMA still averages them in
+        # and counts the step (as timm's and the course's do): checking costs a host sync per step.
         self.ema.update()
         metrics = dict(metrics)
         metrics["grad_norm"] = grad_norm.detach()
@@ -377,7 +433,10 @@ class Trainer:
         if self.ctx.is_main and cfg.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+            # purge_step: a resumed run drops the events its predecessor logged after the
+            # checkpoint, so the curves do not fold back over themselves.
+            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"),
+                                        purge_step=self.step if self.resume_path is not None else None)
             self.writer.add_text("config", "```\n" + _yaml_dump(config_to_dict(cfg)) + "\n```", self.step)
         self._install_signal_handlers()
         self._log(
@@ -389,7 +448,7 @@ class Trainer:
         profiler = _make_profiler(cfg, self.run_dir, self.device) if cfg.logging.profile else None
         progress = _progress_bar(total, self.step, enabled=cfg.logging.progress_bar and self.ctx.is_main and not self.quiet)
         last_metrics: Dict[str, float] = {}
-        window_start, window_images = time.perf_counter(), 0
+        window_start, window_images, window_paused = time.perf_counter(), 0, 0.0
         compile_seconds: Optional[float] = None
         reset_peak_memory(self.device)
         self.method.train()
@@ -415,15 +474,17 @@ class Trainer:
                     # Sync point: metrics leave the device only here.
                     if self.device.type == "cuda":
                         torch.cuda.synchronize(self.device)
-                    elapsed = time.perf_counter() - window_start
+                    elapsed = time.perf_counter() - window_start - window_paused
                     last_metrics = {k: float(v) for k, v in metrics.items()}
                     last_metrics.update(self._perf(window_images, elapsed))
                     self._report(last_metrics, progress)
-                    window_start, window_images = time.perf_counter(), 0
+                    window_start, window_images, window_paused = time.perf_counter(), 0, 0.0
+                t_aside = time.perf_counter()  # sampling and checkpoints are not training throughput
                 if self.step % train_cfg.sample_every == 0:
                     self.sample_grid(f"{self.step:08d}")
                 if self.step % train_cfg.save_every == 0:
                     self.save_checkpoint()
+                window_paused += time.perf_counter() - t_aside
                 self._maybe_inject_fault()
                 # One tiny all-reduce: a signal on any rank stops every rank after the same step.
                 stop = any_rank_true(self._stop_signal is not None, self.device) if self.ctx.enabled else self._stop_signal is not None
@@ -446,6 +507,7 @@ class Trainer:
         summary = {
             "step": self.step,
             "interrupted": interrupted,
+            "signal": self._stop_signal if interrupted else None,
             "checkpoint": str(ckpt_path) if ckpt_path else None,
             "samples": str(grid_path) if grid_path else None,
             "run_dir": str(self.run_dir),
