@@ -56,6 +56,17 @@ def test_step_flops_probe_scales_to_the_batch_and_moves_no_state(tiny_config, me
     assert probe_flops == count_flops(full) > 0
 
 
+def test_step_flops_count_the_fused_kernels_too(tiny_config):
+    """The flop counter cannot see inside the fused (custom-op) kernels: without counting on the
+    reference ops, fused_kernels=true dropped the attention matmuls from MFU."""
+    counts = {}
+    for fused in ("false", "true"):
+        trainer = Trainer(tiny_config("flow_map_matching", "training.batch_size=4",
+                                      f"model.fused_kernels={fused}"), quiet=True)
+        counts[fused] = trainer._measure_flops(4)
+    assert counts["true"] == counts["false"] > 0
+
+
 def test_log_reports_mfu_img_per_s_and_seconds_per_1k(tiny_config):
     trainer = Trainer(tiny_config("flow_matching", "training.batch_size=8"), quiet=True)
     assert trainer.flops_per_step is None  # the CPU has no datasheet peak: no MFU claimed

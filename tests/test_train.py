@@ -283,6 +283,27 @@ def test_throughput_window_excludes_sampling_and_checkpoints(tiny_config, monkey
         assert metrics["img_per_s"] == pytest.approx(16.0)
 
 
+def test_logged_metrics_are_window_means(tiny_config, monkeypatch):
+    """Each log line averages its window's steps (one rank here; the mean over ranks is one
+    all-reduce of the same vector), not the last step's noisy value."""
+    trainer = Trainer(tiny_config("flow_map_matching", "training.num_iterations=6", "training.log_every=3"), quiet=True)
+    original, per_step, logged = trainer._train_step, [], []
+
+    def step(batch):
+        metrics = original(batch)
+        per_step.append({k: float(v) for k, v in metrics.items()})
+        return metrics
+
+    monkeypatch.setattr(trainer, "_train_step", step)
+    monkeypatch.setattr(trainer, "_report", lambda metrics, progress: logged.append(metrics))
+    trainer.train()
+    assert len(logged) == 2
+    for window, metrics in zip((per_step[:3], per_step[3:]), logged):
+        for key in ("loss", "derivative_loss", "grad_norm", "current_gap", "t_mean"):
+            assert metrics[key] == pytest.approx(np.mean([m[key] for m in window]), rel=1e-6), key
+    assert logged[0]["loss"] != pytest.approx(per_step[2]["loss"], rel=1e-6)
+
+
 def test_bad_data_root_is_a_clear_error(tiny_config, tmp_path):
     missing = tmp_path / "no-such-folder"
     cfg = tiny_config("flow_matching", "data.dataset=folder", f"data.root={missing}")

@@ -75,6 +75,15 @@ def any_rank_true(flag: bool, device: torch.device) -> bool:
     return bool(value.item())
 
 
+def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """The element-wise mean of ``values`` over ranks (one all-reduce); ``values`` itself alone."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    values = values.clone()
+    dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values / dist.get_world_size()
+
+
 def broadcast_object(obj, src: int = 0):
     """``obj`` from rank ``src`` on every rank (pickled); ``obj`` itself without a process group."""
     if not (dist.is_available() and dist.is_initialized()):

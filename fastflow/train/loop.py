@@ -20,6 +20,7 @@ import torch
 
 from fastflow.config import Config, config_to_dict
 from fastflow.methods import create_method_from_config
+from fastflow.ops import reference_only
 from fastflow.train import checkpoint as ckpt_io
 from fastflow.train.distributed import (
     DistContext,
@@ -30,6 +31,7 @@ from fastflow.train.distributed import (
     cleanup,
     elastic_run_id,
     init_distributed,
+    mean_over_ranks,
     restart_count,
 )
 from fastflow.train.ema import EMA
@@ -339,13 +341,16 @@ class Trainer:
         # and counts the step (as timm's and the course's do): checking costs a host sync per step.
         self.ema.update()
         metrics = dict(metrics)
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2; every rank calls this
+            grad_norm = grad_norm.full_tensor()
         metrics["grad_norm"] = grad_norm.detach()
         return metrics
 
     def _measure_flops(self, batch_size: int) -> Optional[int]:
         """FLOPs of one train step (forward + backward) at ``batch_size``, counted on a 2-image
         probe in eval mode on the plain (not yet compiled or sharded) method, so that no state
-        (FMM step counter, RNG stream) moves."""
+        (FMM step counter, RNG stream) moves. Counted on the reference ops: the flop counter
+        cannot see inside the fused kernels (custom ops), whose math is the reference's."""
         was_training = self.method.training
         rng = torch.get_rng_state()
         try:
@@ -357,7 +362,8 @@ class Trainer:
                     loss, _ = self.method.compute_loss(probe)
                 loss.backward()
 
-            flops = count_flops(run) * batch_size // probe.shape[0]
+            with reference_only():
+                flops = count_flops(run) * batch_size // probe.shape[0]
         except Exception as exc:  # counting is best effort; training goes on
             self._log(f"FLOP count unavailable: {exc}")
             flops = None
@@ -449,6 +455,8 @@ class Trainer:
         progress = _progress_bar(total, self.step, enabled=cfg.logging.progress_bar and self.ctx.is_main and not self.quiet)
         last_metrics: Dict[str, float] = {}
         window_start, window_images, window_paused = time.perf_counter(), 0, 0.0
+        window_sums: Optional[Dict[str, torch.Tensor]] = None
+        window_steps = 0
         compile_seconds: Optional[float] = None
         reset_peak_memory(self.device)
         self.method.train()
@@ -458,6 +466,11 @@ class Trainer:
                 torch.manual_seed(step_seed(cfg.infrastructure.seed, self.ctx.rank, self.step))
                 t_step = time.perf_counter()
                 metrics = self._train_step(batch)
+                # Window sums stay on the device (no sync per step); logged as means over the
+                # window's steps and the ranks, not one rank's last step.
+                window_sums = ({k: v.detach().float() for k, v in metrics.items()} if window_sums is None
+                               else {k: window_sums[k] + v.detach().float() for k, v in metrics.items()})
+                window_steps += 1
                 if compile_seconds is None and compile_scope(cfg) != "none":
                     compile_seconds = time.perf_counter() - t_step  # first step = compile + run
                     self._log(f"compile ({compile_scope(cfg)}): first step took {compile_seconds:.1f}s")
@@ -475,10 +488,13 @@ class Trainer:
                     if self.device.type == "cuda":
                         torch.cuda.synchronize(self.device)
                     elapsed = time.perf_counter() - window_start - window_paused
-                    last_metrics = {k: float(v) for k, v in metrics.items()}
+                    keys = sorted(window_sums)
+                    means = mean_over_ranks(torch.stack([window_sums[k] for k in keys]) / window_steps)
+                    last_metrics = dict(zip(keys, means.tolist()))
                     last_metrics.update(self._perf(window_images, elapsed))
                     self._report(last_metrics, progress)
                     window_start, window_images, window_paused = time.perf_counter(), 0, 0.0
+                    window_sums, window_steps = None, 0
                 t_aside = time.perf_counter()  # sampling and checkpoints are not training throughput
                 if self.step % train_cfg.sample_every == 0:
                     self.sample_grid(f"{self.step:08d}")
