@@ -1,15 +1,21 @@
-"""Data loader throughput over the built-in digits dataset (no files, no downloads).
+"""Data loader throughput: the built-in digits dataset (in memory) and a folder of JPEG files.
 
 Loaders (``data.loader``): ``torch`` with 0 and 2 worker processes (decode + flip in workers,
 [-1, 1] conversion and the copy to the device in the main process) and ``gpu_cache`` (the whole
 uint8 dataset resident on the device; one gather + flip + normalise per batch). One round draws
 ``BATCHES`` batches of 128 from a running loader and ends with the batch on the bench device.
+
+``test_folder_decode_throughput``: 512 JPEGs of 128×128 (the built-in digits, upscaled and tinted,
+written once per session) decoded and resized to the bench size by PIL in 0 / 2 torch workers and
+by DALI (2 threads; its CPU decoder here, ``mixed`` GPU decoding on CUDA).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from bench import utils
@@ -56,5 +62,58 @@ def test_loader_throughput(benchmark: Any, bench_ctx: Any, loader: str, num_work
     utils.fill_extra_info(
         benchmark, device=device, info=bench_ctx.info, images_per_step=BATCHES * BATCH_SIZE,
         loader=loader, num_workers=num_workers, image_size=image_size, dataset="digits",
+        batches_per_epoch=getattr(batches, "batches_per_epoch", None),
+    )
+
+
+@pytest.fixture(scope="module")
+def jpeg_folder(tmp_path_factory: Any) -> Path:
+    from PIL import Image
+
+    from fastflow.data import DigitsDataset
+
+    root = tmp_path_factory.mktemp("jpegs")
+    digits = DigitsDataset(image_size=128, channels=3, augment=False).as_uint8_tensor()
+    tint = np.random.default_rng(0).uniform(0.6, 1.0, (512, 1, 1, 3))
+    for i in range(512):
+        pixels = (digits[i % len(digits)].permute(1, 2, 0).numpy() * tint[i]).astype(np.uint8)
+        Image.fromarray(pixels).save(root / f"{i:04d}.jpg", quality=90)
+    return root
+
+
+@pytest.mark.parametrize("loader, num_workers", [
+    pytest.param("torch", 0, id="torch-w0"),
+    pytest.param("torch", 2, id="torch-w2"),
+    pytest.param("dali", 2, id="dali-t2"),
+])
+def test_folder_decode_throughput(benchmark: Any, bench_ctx: Any, jpeg_folder: Path, loader: str,
+                                  num_workers: int) -> None:
+    if create_dataloader_from_config is None:
+        pytest.skip(f"fastflow.data.create_dataloader_from_config is not importable yet: {_IMPORT_ERROR}")
+    if loader == "dali":
+        pytest.importorskip("nvidia.dali", reason="DALI is not installed (pip install nvidia-dali-cuda130)")
+    benchmark.group = "data-folder"
+    device = bench_ctx.device
+    image_size = 64 if bench_ctx.size == "default" else 32
+    config = bench_ctx.config(overrides=[
+        "data.dataset=folder", f"data.root={jpeg_folder}", f"data.image_size={image_size}", f"data.loader={loader}",
+        f"data.num_workers={num_workers}", f"data.pin_memory={str(device.type == 'cuda').lower()}",
+        "data.augment=true", f"training.batch_size={BATCH_SIZE}",
+    ])
+    batches = create_dataloader_from_config(config, device=device)
+    iterator = iter(batches)
+
+    def run() -> None:
+        batch = None
+        for _ in range(BATCHES // 2):
+            batch = next(iterator)
+        batch = batch.to(device, non_blocking=True)
+        utils.sync(device)
+
+    run()  # worker / pipeline start-up
+    benchmark.pedantic(run, rounds=bench_ctx.rounds, warmup_rounds=1, iterations=1)
+    utils.fill_extra_info(
+        benchmark, device=device, info=bench_ctx.info, images_per_step=BATCHES // 2 * BATCH_SIZE,
+        loader=loader, num_workers=num_workers, image_size=image_size, dataset="jpeg-folder-128",
         batches_per_epoch=getattr(batches, "batches_per_epoch", None),
     )

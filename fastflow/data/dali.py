@@ -6,20 +6,27 @@ batch, so the position/``state_dict`` semantics are those of the other loaders. 
 differ by a few levels from the PIL path (DALI's resampling). Geometry: resize so the shorter
 side is ``image_size`` (antialiased), then center-crop, like the PIL path.
 
-Optional dependency (``pip install nvidia-dali-cuda130``); without it, constructing
-:class:`DaliLoader` raises ``ImportError`` saying so. Experimental: not exercised by the test
-suite where DALI is not installed (it is not, on the project's dev machines by default).
+Optional dependency (``pip install nvidia-dali-cuda130``, part of the ``dev`` extra on x86_64);
+without it, constructing :class:`DaliLoader` raises ``ImportError`` saying so. The test suite runs
+DALI's CPU decoder against the PIL path (same order and flips, pixels within a few levels) and
+resume; the GPU (``mixed``) decoder is not tested (the lent GPU machine has no DALI).
+
+An undecodable file stops the pipeline (DALI cannot substitute one image of a batch): the error
+names the files of the batches in flight that PIL cannot decode either. ``data.on_bad_image=skip``
+is refused with this loader; prepare the folder with ``--on-bad-image skip`` or use
+``data.loader=torch``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterator, List, Optional, Tuple
+import collections
+from typing import Any, Deque, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .datasets import ImageDataset, ImageFolderDataset
+from .datasets import BadImageError, ImageDataset, ImageFolderDataset, decode_image_file
 from .loaders import Device, ShardPlan, _ResumableLoader
 from .transforms import uint8_to_float
 
@@ -68,6 +75,12 @@ class DaliLoader(_ResumableLoader):
         self._dali = _import_dali()
         if not isinstance(dataset, ImageFolderDataset):
             raise ValueError("data.loader=dali reads image files: use data.dataset=folder/celeba with data.root")
+        if dataset.on_bad_image != "error":
+            raise ValueError(
+                "data.on_bad_image=skip does not work with data.loader=dali (DALI cannot replace one image "
+                "of a batch): prepare the folder with `python -m fastflow.data.prepare SRC DST.npy "
+                "--on-bad-image skip`, or use data.loader=torch"
+            )
         super().__init__(ShardPlan(
             len(dataset), batch_size=batch_size, seed=seed, rank=rank, world_size=world_size, shuffle=shuffle,
             augment=dataset.augment, drop_last=drop_last,
@@ -78,11 +91,14 @@ class DaliLoader(_ResumableLoader):
         self.device = torch.device(device)
         self.num_threads = num_threads
         self._pipe: Optional[Any] = None
+        # Index batches handed to DALI and not yet returned (its prefetch queue holds a few).
+        self._in_flight: Deque[np.ndarray] = collections.deque(maxlen=8)
 
     def _batches(self) -> Iterator[Tuple[List[np.ndarray], List[np.ndarray]]]:
         plan, (epoch, batch) = self.plan.copy(), (self.epoch, self.batch_in_epoch)
         while True:
             indices, flips = plan.batch(epoch, batch)
+            self._in_flight.append(indices)
             encoded = [np.fromfile(self.dataset.files[i], dtype=np.uint8) for i in indices.tolist()]
             yield encoded, [np.array(int(f), dtype=np.int32) for f in flips.tolist()]
             batch += 1
@@ -118,11 +134,33 @@ class DaliLoader(_ResumableLoader):
 
     def _reset(self) -> None:
         self._pipe = None
+        self._in_flight.clear()
+
+    def _name_bad_files(self, error: Exception) -> None:
+        """After a pipeline failure: raise BadImageError naming the in-flight files PIL cannot
+        decode either (the pipeline is unusable after the error; the next call rebuilds it)."""
+        self._pipe = None
+        bad = []
+        for indices in list(self._in_flight):
+            for i in indices.tolist():
+                try:
+                    decode_image_file(self.dataset.files[i], self.dataset.image_size, self.dataset.channels)
+                except BadImageError as exc:
+                    bad.append(str(exc))
+        self._in_flight.clear()
+        if bad:
+            raise BadImageError(
+                f"DALI stopped at an undecodable file under {self.dataset.root}: {'; '.join(sorted(set(bad)))} "
+                f"(remove it, or prepare the folder with --on-bad-image skip)") from error
 
     def __next__(self) -> Tensor:
         if self._pipe is None:
             self._pipe = self._build()
-        (output,) = self._pipe.run()
+        try:
+            (output,) = self._pipe.run()
+        except RuntimeError as exc:
+            self._name_bad_files(exc)
+            raise
         dense = output.as_tensor()
         images = torch.empty(dense.shape(), dtype=torch.uint8, device=self.device)
         from nvidia.dali.plugin.pytorch import feed_ndarray
