@@ -31,39 +31,46 @@ except ImportError as exc:  # fastflow.data is written concurrently; the lead ch
     _IMPORT_ERROR = exc
 
 
+def _bench_loader(benchmark: Any, bench_ctx: Any, data_overrides: list, *, loader: str, num_workers: int,
+                  batches: int, dataset: str) -> None:
+    """Time ``batches`` batches of BATCH_SIZE from a running loader, ending with one on the device."""
+    if create_dataloader_from_config is None:
+        pytest.skip(f"fastflow.data.create_dataloader_from_config is not importable yet: {_IMPORT_ERROR}")
+    device = bench_ctx.device
+    image_size = 64 if bench_ctx.size == "default" else 32
+    config = bench_ctx.config(overrides=[
+        *data_overrides, f"data.image_size={image_size}", f"data.loader={loader}",
+        f"data.num_workers={num_workers}", f"data.pin_memory={str(device.type == 'cuda').lower()}",
+        "data.augment=true", f"training.batch_size={BATCH_SIZE}",
+    ])
+    running = create_dataloader_from_config(config, device=device)
+    iterator = iter(running)
+
+    def run() -> None:
+        batch = None
+        for _ in range(batches):
+            batch = next(iterator)
+        batch = batch.to(device, non_blocking=True)
+        utils.sync(device)
+
+    run()  # worker / pipeline start-up, cache upload
+    benchmark.pedantic(run, rounds=bench_ctx.rounds, warmup_rounds=1, iterations=1)
+    utils.fill_extra_info(
+        benchmark, device=device, info=bench_ctx.info, images_per_step=batches * BATCH_SIZE,
+        loader=loader, num_workers=num_workers, image_size=image_size, dataset=dataset,
+        batches_per_epoch=getattr(running, "batches_per_epoch", None),
+    )
+
+
 @pytest.mark.parametrize("loader, num_workers", [
     pytest.param("torch", 0, id="torch-w0"),
     pytest.param("torch", 2, id="torch-w2"),
     pytest.param("gpu_cache", 0, id="gpu_cache"),
 ])
 def test_loader_throughput(benchmark: Any, bench_ctx: Any, loader: str, num_workers: int) -> None:
-    if create_dataloader_from_config is None:
-        pytest.skip(f"fastflow.data.create_dataloader_from_config is not importable yet: {_IMPORT_ERROR}")
     benchmark.group = "data"
-    device = bench_ctx.device
-    image_size = 64 if bench_ctx.size == "default" else 32
-    config = bench_ctx.config(overrides=[
-        "data.dataset=digits", f"data.image_size={image_size}", f"data.loader={loader}",
-        f"data.num_workers={num_workers}", f"data.pin_memory={str(device.type == 'cuda').lower()}",
-        "data.augment=true", f"training.batch_size={BATCH_SIZE}",
-    ])
-    batches = create_dataloader_from_config(config, device=device)
-    iterator = iter(batches)
-
-    def run() -> None:
-        batch = None
-        for _ in range(BATCHES):
-            batch = next(iterator)
-        batch = batch.to(device, non_blocking=True)
-        utils.sync(device)
-
-    run()  # worker start-up, cache upload
-    benchmark.pedantic(run, rounds=bench_ctx.rounds, warmup_rounds=1, iterations=1)
-    utils.fill_extra_info(
-        benchmark, device=device, info=bench_ctx.info, images_per_step=BATCHES * BATCH_SIZE,
-        loader=loader, num_workers=num_workers, image_size=image_size, dataset="digits",
-        batches_per_epoch=getattr(batches, "batches_per_epoch", None),
-    )
+    _bench_loader(benchmark, bench_ctx, ["data.dataset=digits"], loader=loader, num_workers=num_workers,
+                  batches=BATCHES, dataset="digits")
 
 
 @pytest.fixture(scope="module")
@@ -88,32 +95,8 @@ def jpeg_folder(tmp_path_factory: Any) -> Path:
 ])
 def test_folder_decode_throughput(benchmark: Any, bench_ctx: Any, jpeg_folder: Path, loader: str,
                                   num_workers: int) -> None:
-    if create_dataloader_from_config is None:
-        pytest.skip(f"fastflow.data.create_dataloader_from_config is not importable yet: {_IMPORT_ERROR}")
     if loader == "dali":
         pytest.importorskip("nvidia.dali", reason="DALI is not installed (pip install nvidia-dali-cuda130)")
     benchmark.group = "data-folder"
-    device = bench_ctx.device
-    image_size = 64 if bench_ctx.size == "default" else 32
-    config = bench_ctx.config(overrides=[
-        "data.dataset=folder", f"data.root={jpeg_folder}", f"data.image_size={image_size}", f"data.loader={loader}",
-        f"data.num_workers={num_workers}", f"data.pin_memory={str(device.type == 'cuda').lower()}",
-        "data.augment=true", f"training.batch_size={BATCH_SIZE}",
-    ])
-    batches = create_dataloader_from_config(config, device=device)
-    iterator = iter(batches)
-
-    def run() -> None:
-        batch = None
-        for _ in range(BATCHES // 2):
-            batch = next(iterator)
-        batch = batch.to(device, non_blocking=True)
-        utils.sync(device)
-
-    run()  # worker / pipeline start-up
-    benchmark.pedantic(run, rounds=bench_ctx.rounds, warmup_rounds=1, iterations=1)
-    utils.fill_extra_info(
-        benchmark, device=device, info=bench_ctx.info, images_per_step=BATCHES // 2 * BATCH_SIZE,
-        loader=loader, num_workers=num_workers, image_size=image_size, dataset="jpeg-folder-128",
-        batches_per_epoch=getattr(batches, "batches_per_epoch", None),
-    )
+    _bench_loader(benchmark, bench_ctx, ["data.dataset=folder", f"data.root={jpeg_folder}"], loader=loader,
+                  num_workers=num_workers, batches=BATCHES // 2, dataset="jpeg-folder-128")
