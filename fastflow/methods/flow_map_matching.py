@@ -135,7 +135,9 @@ class FlowMapMatching(BaseMethod):
 
         δ = gap − (gap − σ)·√(1 − u) (inverse CDF of the triangular density), gap capped at 1 − σ;
         s ~ U[σ, 1 − δ] so that σ ≤ s < t ≤ 1 — the whole triangle once gap reaches 1 (the course
-        sampled s ≤ gap − δ, which confines pairs near t = 0 while gap is small).
+        sampled s ≤ gap − δ, which confines pairs near t = 0 while gap is small). The joint density
+        of (s, t) on the band σ ≤ t − s ≤ gap is then ∝ (gap − δ)/(1 − σ − δ): the course's uniform
+        triangle only once gap = 1 − σ (both agree from then on).
         """
         device = device or self._step.device
         gap = self.current_time_gap()

@@ -202,32 +202,16 @@ def restore_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+_WRAPPER_NAMES = ("module", "_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
 
 
 def strip_module_prefix(state_dict: Dict[str, Any]) -> Dict[str, Any]:
     """Remove DDP ``module.`` / torch.compile ``_orig_mod.`` (and FSDP1) prefixes anywhere in keys."""
     out = {}
     for key, value in state_dict.items():
-        parts = [p for p in key.split(".") if p not in ("module", "_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")]
+        parts = [p for p in key.split(".") if p not in _WRAPPER_NAMES]
         out[".".join(parts)] = value
     return out
-
-
-def unwrap_state_dict(ckpt: Dict[str, Any], use_ema: bool = False) -> Dict[str, Any]:
-    """The network weights of a checkpoint (EMA shadows if ``use_ema``), prefixes stripped.
-
-    Accepts fastflow checkpoints, exported EMA files ({"model": ...}) and bare state dicts.
-    """
-    if use_ema:
-        ema = ckpt.get("ema")
-        if ema is None:
-            raise CheckpointError(f"{ckpt.get('_path', 'checkpoint')} has no EMA weights (run without --use_ema)")
-        return strip_module_prefix(ema["shadow"] if "shadow" in ema else ema)
-    for key in ("model", "state_dict", "model_state_dict"):
-        if key in ckpt and isinstance(ckpt[key], dict):
-            return strip_module_prefix(ckpt[key])
-    return strip_module_prefix(ckpt)
 
 
 # ------------------------------------------------------------------------------------ sharded
