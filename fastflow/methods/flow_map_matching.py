@@ -77,6 +77,11 @@ class FlowMapMatching(BaseMethod):
     @classmethod
     def from_config(cls, model: nn.Module, config: Any) -> "FlowMapMatching":
         c = config.flow_map_matching
+        if c.derivative == "finite_difference" and config.model.dropout > 0:
+            raise ValueError(
+                f"flow_map_matching.derivative=finite_difference needs model.dropout=0 (got "
+                f"{config.model.dropout}): the two halves of the doubled batch would draw different masks"
+            )
         return cls(
             model,
             num_timesteps=c.num_timesteps,
