@@ -468,8 +468,11 @@ class Trainer:
                 metrics = self._train_step(batch)
                 # Window sums stay on the device (no sync per step); logged as means over the
                 # window's steps and the ranks, not one rank's last step.
-                window_sums = ({k: v.detach().float() for k, v in metrics.items()} if window_sums is None
-                               else {k: window_sums[k] + v.detach().float() for k, v in metrics.items()})
+                if window_sums is None:
+                    window_sums = {k: v.detach().float().clone() for k, v in metrics.items()}
+                else:
+                    for k, v in metrics.items():
+                        window_sums[k].add_(v.detach())
                 window_steps += 1
                 if compile_seconds is None and compile_scope(cfg) != "none":
                     compile_seconds = time.perf_counter() - t_step  # first step = compile + run
