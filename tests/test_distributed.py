@@ -125,12 +125,13 @@ def worker_grads(out: Path, cases: List[str]) -> None:
 
 def worker_train(out: Path, tag: str, overrides: List[str]) -> None:
     """One Trainer run; full weights, EMA and the summary saved per rank under ``tag``. A tag
-    starting with ``sigterm`` sends SIGTERM to rank 1 alone during its 2nd step."""
+    starting with ``sigterm`` sends SIGTERM to rank 1 alone during its 2nd step; one starting with
+    ``overfit`` trains with --overfit."""
     import signal
 
     from fastflow.train.loop import Trainer
 
-    trainer = Trainer(make_config(out, tag, *overrides), quiet=True)
+    trainer = Trainer(make_config(out, tag, *overrides), overfit=tag.startswith("overfit"), quiet=True)
     if tag.startswith("sigterm") and trainer.ctx.rank == 1:
         original = trainer._train_step
 
@@ -410,6 +411,24 @@ def test_fsdp_save_on_1_resume_on_2(tmp_path):
             assert resumed["step"] == 2  # nothing left to train: the loaded state comes straight back
             assert _max_diff(resumed["weights"], before["weights"]) == 0.0, tag
             assert _max_diff(resumed["ema"], before["ema"]) == 0.0, tag
+
+
+def test_ddp_overfit_resume_keeps_every_ranks_batch(tmp_path):
+    """--overfit under DDP: each rank trains on its own fixed batch, and a single-file checkpoint
+    (written by rank 0) must still give each rank its own batch back on resume (it gave every rank
+    rank 0's before). 2 steps, resume, 2 more = 4 steps straight, exactly; the file holds both."""
+    ddp = ["method=flow_matching", "infrastructure.parallelism=ddp", "training.ema_start=0"]
+    torchrun(["train", str(tmp_path), "overfit_straight", *ddp, "training.num_iterations=4",
+              "--next--", "overfit", *ddp, "training.num_iterations=2",
+              "--next--", "overfit", *ddp, "training.num_iterations=4", "checkpoint.resume=auto"])
+    straight = torch.load(tmp_path / "overfit_straight_rank0.pt", weights_only=False)
+    resumed = torch.load(tmp_path / "overfit_rank0.pt", weights_only=False)
+    assert resumed["step"] == 4
+    assert _max_diff(resumed["weights"], straight["weights"]) == 0.0
+    assert _max_diff(resumed["ema"], straight["ema"]) == 0.0
+    ckpt = torch.load(tmp_path / "ckpt" / "overfit" / "checkpoint_00000002.pt", weights_only=False)
+    first, second = ckpt["overfit_batches"]
+    assert first.shape == second.shape and not torch.equal(first, second)  # the ranks' own shards
 
 
 def test_ranks_with_different_dataset_sizes_are_refused(tmp_path):

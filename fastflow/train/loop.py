@@ -14,7 +14,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -214,7 +214,11 @@ class Trainer:
         return path, run_name or f"{config.method}-{time.strftime('%Y%m%d-%H%M%S')}"
 
     # ---------------------------------------------------------------------------- state
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self, overfit_batches: Optional[List[torch.Tensor]] = None) -> Dict[str, Any]:
+        """The single-file checkpoint. ``overfit_batches``: every rank's fixed --overfit batch
+        (gathered by save_checkpoint, rank order); by default this process's own."""
+        if overfit_batches is None and self._fixed_batch is not None:
+            overfit_batches = [self._fixed_batch.cpu()]
         return {
             "iteration": self.step,
             "images_seen": self.images_seen,
@@ -228,7 +232,7 @@ class Trainer:
             "method_config": self.method.method_config(),
             "rng": ckpt_io.capture_rng_state(),
             "data": self.loader.state_dict(),
-            "overfit_batch": self._fixed_batch.cpu() if self._fixed_batch is not None else None,
+            "overfit_batches": overfit_batches,
             "world_size": self.ctx.world_size,
         }
 
@@ -277,8 +281,16 @@ class Trainer:
                 self.optimizer.load_state_dict(state["optimizer"])
             self.ema.load_state_dict(state["ema"])
             ckpt_io.restore_rng_state(state["rng"])
-            if state.get("overfit_batch") is not None:
-                self._fixed_batch = state["overfit_batch"].to(self.device)
+            batches = state.get("overfit_batches")
+            if batches is None and state.get("overfit_batch") is not None:  # written before per-rank batches
+                batches = [state["overfit_batch"]]
+            if batches and self.overfit:
+                if same_world and len(batches) == self.ctx.world_size:
+                    self._fixed_batch = batches[self.ctx.rank].to(self.device)
+                elif self.ctx.is_main:  # other ranks draw their own
+                    print(f"[fastflow] {state.get('_path')}: --overfit batches saved by {len(batches)} rank(s); "
+                          f"rank 0 keeps the first, the other {self.ctx.world_size - 1} draw new ones", flush=True)
+                    self._fixed_batch = batches[0].to(self.device)
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         # On another world size the data position is rescaled by images seen (approximate).
@@ -298,11 +310,16 @@ class Trainer:
                 self.ckpt_dir, self.step, method=self.method, optimizer=self.optimizer, ema=self.ema,
                 meta=self._sharded_meta(), rank_state=self._rank_state(), rank=self.ctx.rank, keep_last=keep_last,
             )
-        elif self.ctx.is_main:
-            path = ckpt_io.atomic_torch_save(self.state_dict(), self.ckpt_dir / f"checkpoint_{self.step:08d}.pt")
-            ckpt_io.prune_checkpoints(self.ckpt_dir, keep_last)
         else:
+            # The file holds rank 0's state, but the --overfit batch differs per rank: gather it
+            # (a collective: every rank calls save_checkpoint at the same step).
+            batches = None
+            if self._fixed_batch is not None and self.ctx.world_size > 1:
+                batches = all_gather_object(self._fixed_batch.cpu())
             path = None
+            if self.ctx.is_main:
+                path = ckpt_io.atomic_torch_save(self.state_dict(batches), self.ckpt_dir / f"checkpoint_{self.step:08d}.pt")
+                ckpt_io.prune_checkpoints(self.ckpt_dir, keep_last)
         self._saved = (self.step, path)
         return path
 
