@@ -416,13 +416,16 @@ def test_attention_dual_grads_float32_peaked_softmax():
 
 @pytest.mark.parametrize("form", ["plain", "dual"])
 def test_attention_grads_float32_peaked_rows_as_precise_as_autograd(seed, form):
-    """float32 backward at peaked softmax rows (scores up to ~±30): the RMS error of every
-    gradient against the float64 reference, summed, at most 1.35× that of float32 autograd
-    through the reference on the same inputs. The backward recomputes P from the saved lse,
-    which is rounded to ulp(|lse|); without renormalising the row, the plain backward's error
-    was 1.7–6× autograd's at every draw (400 draws) and the dual's 0.9–4.2× (200 draws); now
-    ≤ 1.07× (400 and 200 draws)."""
-    inp = _attn_inputs(seed, (6, 2, 23, 8), torch.float64)
+    """float32 backward at peaked softmax rows (scores up to ~±30), 48 heads: per head, the RMS
+    error of every gradient against the float64 reference, summed, as a ratio to float32
+    autograd's through the reference on the same inputs; the median over heads at most 1.3.
+    The backward recomputes P from the saved lse, which is rounded to ulp(|lse|); a float32
+    emulation of the kernel that trusts the lse instead of renormalising the row gives medians
+    2.03–2.97 (plain) and 1.49–2.00 (dual); the kernels give 0.75–1.08 and 0.65–1.05 (2000 draws
+    each, AMD EPYC). The pooled ratio this test used before (6 heads) is decided by one
+    ill-conditioned head and exceeded 1.35 at 7% of draws (dual) with the kernel unchanged; see
+    _op_checks.median_head_error_ratio."""
+    inp = _attn_inputs(seed, (24, 2, 23, 8), torch.float64)
     inp["q"] = inp["q"] * 4.0
     f32 = {name: t.float() for name, t in inp.items()}
 
@@ -433,11 +436,9 @@ def test_attention_grads_float32_peaked_rows_as_precise_as_autograd(seed, form):
 
     cpp_fn, ref_fn = ((cpu.attention_cpp, attention_reference) if form == "plain"
                       else (cpu.attention_dual_cpp, attention_dual_reference))
-    ref = run(ref_fn, inp)
-    err_cpp = checks.summed_rms_error(run(cpp_fn, f32), ref)
-    err_autograd = checks.summed_rms_error(run(ref_fn, f32), ref)
-    assert err_cpp <= 1.35 * err_autograd, (
-        f"seed={seed}: {form} C++ float32 gradient RMS error {err_cpp:.3e} vs autograd's {err_autograd:.3e}")
+    ratio = checks.median_head_error_ratio(run(cpp_fn, f32), run(ref_fn, f32), run(ref_fn, inp))
+    assert ratio <= 1.3, (
+        f"seed={seed}: {form} C++ float32 gradient error is {ratio:.2f}x autograd's (median over heads)")
 
 
 def test_attention_dual_without_tangents_returns_none(seed):

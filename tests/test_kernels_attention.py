@@ -166,17 +166,19 @@ def test_dual_partial_tangents_and_grads(present, upstream, seed):
 
 @pytest.mark.parametrize("form", ["plain", "dual"])
 def test_fp32_grads_at_peaked_rows_near_autograd_precision(form, seed):
-    """float32 gradients where the softmax is peaked (scores up to ~±30): the RMS error of every
-    gradient against the float64 reference, summed, within 3x of float32 autograd through the
-    reference on the same inputs. Measured (interpreter, 80 draws, lse saved in base 2): plain
-    1.22–2.14x, median 1.55 (the recomputed P carries the rounding of the saved lse and of the
-    base-2 scores), dual 0.60–2.00x, median 1.17; with lse saved as a natural log (×log₂e on
-    load) plain was 1.51–2.28x, median 1.76 (30 draws). On the same measure the C++ kernels
-    before their row renormalisation were 1.7–6x (plain) and up to 4.2x (dual).
+    """float32 gradients where the softmax is peaked (scores up to ~±30), 48 heads: per head, the
+    RMS error of every gradient against the float64 reference, summed, as a ratio to float32
+    autograd's through the reference on the same inputs; the median over heads within 2x.
+    Measured (interpreter, 60 draws each, lse saved in base 2): plain 1.35–1.69, median 1.52
+    (the recomputed P carries the rounding of the saved lse and of the base-2 scores); dual
+    1.02–1.35, median 1.19. On the same measure a float32 emulation of a backward that trusts the
+    rounded lse without renormalising the row gives 2.0–3.0x (plain; see the C++ test). The
+    pooled ratio this test used before (6 heads, bound 3x) is decided by one ill-conditioned
+    head; see _op_checks.median_head_error_ratio.
     The interpreter only: on CUDA, float32 dots are 3xTF32/TF32 and autograd's are cuBLAS's."""
     if DEVICE == "cuda":
         pytest.skip("compares float32 rounding with autograd's on the CPU")
-    x = _make(seed, (6, 2, 23, 8), torch.float32)
+    x = _make(seed, (24, 2, 23, 8), torch.float32)
     x["q"] = x["q"] * 8.0
 
     def grads(fn, dtype):
@@ -188,11 +190,10 @@ def test_fp32_grads_at_peaked_rows_near_autograd_precision(form, seed):
 
     kernel, reference = ((attn.attention_triton, attention_reference) if form == "plain"
                          else (attn.attention_dual_triton, attention_dual_reference))
-    ref = grads(reference, torch.float64)
-    err_kernel = checks.summed_rms_error(grads(kernel, torch.float32), ref)
-    err_autograd = checks.summed_rms_error(grads(reference, torch.float32), ref)
-    assert err_kernel <= 3.0 * err_autograd, (
-        f"seed={seed}: {form} Triton float32 gradient RMS error {err_kernel:.3e} vs autograd's {err_autograd:.3e}")
+    ratio = checks.median_head_error_ratio(grads(kernel, torch.float32), grads(reference, torch.float32),
+                                           grads(reference, torch.float64))
+    assert ratio <= 2.0, (
+        f"seed={seed}: {form} Triton float32 gradient error is {ratio:.2f}x autograd's (median over heads)")
 
 
 def test_dual_without_tangents_returns_none(seed):
