@@ -47,7 +47,9 @@ Autograd: ``fastflow_triton::attention_fwd`` and ``fastflow_triton::attention_du
 ``torch.library.custom_op``s with fake (meta) kernels and ``register_autograd`` backwards, so
 ``torch.compile`` traces them without graph breaks. In eager mode :func:`attention_triton` goes
 through an ``autograd.Function`` whose ``jvp`` runs the dual kernel, so ``torch.func.jvp`` (and
-``torch.autograd.forward_ad``) work and the tangent stays differentiable. Dynamo refuses
+``torch.autograd.forward_ad``) work and the tangent stays differentiable; it and the eager
+:func:`attention_dual_triton` (another ``autograd.Function``) also work under
+``torch.func.grad`` / ``vjp``, which custom ops with ``register_autograd`` do not. Dynamo refuses
 ``autograd.Function`` subclasses with a custom ``jvp`` (graph break), so under ``torch.compile``
 the custom op is used instead, and custom ops have no forward-AD rule in torch: a
 ``torch.func.jvp`` traced by ``torch.compile`` through :func:`attention_triton` gets a silently
@@ -894,18 +896,41 @@ _attention_dual_fwd_op.register_autograd(_attention_dual_fwd_backward,
                                          setup_context=_attention_dual_fwd_setup_context)
 
 
+class _AttentionDualFunction(torch.autograd.Function):
+    """Eager-mode dual attention: ``apply(q, q̇, k, k̇, v, v̇) -> (O, Ȯ, lse, μ)``, lse and μ
+    non-differentiable. An ``autograd.Function`` with ``setup_context`` rather than the custom
+    op, so that ``torch.func.grad`` / ``vjp`` can transform it (a custom op with
+    ``register_autograd`` cannot be, pytorch#168393); the forward calls the launcher, the
+    backward the backward op (a launcher cannot read functorch's wrapped tensors)."""
+
+    @staticmethod
+    def forward(q, q_dot, k, k_dot, v, v_dot):
+        return _attention_dual_fwd_launch(q, q_dot, k, k_dot, v, v_dot)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        _attention_dual_fwd_setup_context(ctx, inputs, output)
+        ctx.mark_non_differentiable(output[2], output[3])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_o, grad_o_dot, grad_lse, grad_mu):
+        return _attention_dual_fwd_backward(ctx, grad_o, grad_o_dot, grad_lse, grad_mu)
+
+
 class _AttentionFunction(torch.autograd.Function):
     """Eager-mode plain attention with a ``jvp`` rule (the dual kernel) for forward-mode AD.
 
-    The tangent returned by ``jvp`` comes from ``fastflow_triton::attention_dual_fwd``, whose
-    registered backward is the dual backward, so ``torch.func.jvp`` followed by ``.backward()``
-    differentiates through Ȯ too. ``jvp`` recomputes O inside the dual kernel (the forward's O is
-    already computed); callers that want one pass use :func:`attention_dual_triton`.
+    The tangent returned by ``jvp`` comes from :class:`_AttentionDualFunction`, whose backward
+    is the dual backward, so ``torch.func.jvp`` followed by ``.backward()`` differentiates
+    through Ȯ too. ``jvp`` recomputes O inside the dual kernel (the forward's O is already
+    computed); callers that want one pass use :func:`attention_dual_triton`. Like the dual, the
+    forward calls the launcher so that ``torch.func.grad`` works.
     """
 
     @staticmethod
     def forward(q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
-        return _attention_fwd_op(q, k, v)
+        return _attention_fwd_launch(q, k, v)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -916,6 +941,7 @@ class _AttentionFunction(torch.autograd.Function):
         ctx.mark_non_differentiable(lse)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_o: Tensor, grad_lse: Optional[Tensor]):
         q, k, v, o, lse = ctx.saved_tensors
         return _attention_bwd_op(grad_o, q, k, v, o, lse)
@@ -923,7 +949,7 @@ class _AttentionFunction(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, q_dot: Optional[Tensor], k_dot: Optional[Tensor], v_dot: Optional[Tensor]):
         q, k, v = ctx.saved_tensors
-        _, o_dot, _, _ = _attention_dual_fwd_op(q, q_dot, k, k_dot, v, v_dot)
+        _, o_dot, _, _ = _AttentionDualFunction.apply(q, q_dot, k, k_dot, v, v_dot)
         return o_dot, None
 
 
@@ -950,5 +976,8 @@ def attention_dual_triton(q: Tensor, q_dot: Optional[Tensor], k: Tensor, k_dot: 
     """
     if q_dot is None and k_dot is None and v_dot is None:
         return attention_triton(q, k, v), None
-    o, o_dot, _, _ = _attention_dual_fwd_op(q, q_dot, k, k_dot, v, v_dot)
+    if torch.compiler.is_compiling():
+        o, o_dot, _, _ = _attention_dual_fwd_op(q, q_dot, k, k_dot, v, v_dot)
+    else:
+        o, o_dot, _, _ = _AttentionDualFunction.apply(q, q_dot, k, k_dot, v, v_dot)
     return o, o_dot

@@ -64,6 +64,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fastflow.ops.reference import normalized_groups
+
 __all__ = [
     "gn_film_silu_triton",
     "gn_film_silu_dual_triton",
@@ -1111,6 +1113,9 @@ def _new_like(x: Tensor, memory_format: torch.memory_format, dtype: Optional[tor
 def _check_inputs(x: Tensor, groups: int) -> Tuple[int, int, int]:
     if x.dim() < 2:
         raise ValueError(f"gn_film_silu: x must be (N, C, ...), got shape {tuple(x.shape)}")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        # float64 would be loaded and computed as float32 and stored back as float64 without a word.
+        raise TypeError(f"gn_film_silu: unsupported dtype {x.dtype} (float32, float16, bfloat16)")
     n_batch, channels = x.shape[0], x.shape[1]
     if groups <= 0 or channels % groups != 0:
         raise ValueError(f"gn_film_silu: channels={channels} not divisible by groups={groups}")
@@ -1513,15 +1518,17 @@ _dual_op.register_autograd(
 )
 
 
-def _param_tangent_term(x, weight, bias, weight_dot, bias_dot, scale, shift, mean, rstd, groups, silu):
+def _param_tangent_term(x, weight, bias, weight_dot, bias_dot, scale, shift, groups, eps, silu):
     """silu'(z)·(n̂·γ̇ + β̇)·(1 + s): the part of ẏ from weight/bias tangents, in PyTorch (float32).
 
-    Only ``torch.func.jvp`` with tangents on the GroupNorm parameters reaches this.
+    Only ``torch.func.jvp`` with tangents on the GroupNorm parameters reaches this. n̂ is
+    recomputed from x, not from the kernel's saved (non-differentiable) mean and rstd, so that a
+    backward through ẏ also sees how n̂ depends on x.
     """
-    n_batch, channels = x.shape[0], x.shape[1]
+    channels = x.shape[1]
     view = (1, channels) + (1,) * (x.dim() - 2)
     film_view = (-1, channels) + (1,) * (x.dim() - 2)
-    normed = ((x.float().reshape(n_batch, groups, -1) - mean[..., None]) * rstd[..., None]).reshape(x.shape)
+    normed = normalized_groups(x.float(), groups, eps)
     affine = normed if weight is None else normed * weight.float().reshape(view)
     if bias is not None:
         affine = affine + bias.float().reshape(view)
@@ -1598,7 +1605,7 @@ class GNFilmSiLUFunction(torch.autograd.Function):
             )[1]
         if weight_dot is not None or bias_dot is not None:
             extra = _param_tangent_term(
-                x, weight, bias, weight_dot, bias_dot, scale, shift, mean, rstd, groups, silu
+                x, weight, bias, weight_dot, bias_dot, scale, shift, groups, eps, silu
             ).to(x.dtype)
             y_dot = extra if y_dot is None else y_dot + extra
         if y_dot is None:

@@ -65,15 +65,22 @@ def check_gn_jvp_then_backward(impl, reference, inp, groups, eps, tol, grad_tol,
         assert_close(g, g_ref, grad_tol, f"d{name}", seed)
 
 
-def check_gn_jvp_parameter_tangents(impl, reference, inp, groups, eps, tol, seed):
-    """Tangents on weight/bias (the PyTorch term) together with an x tangent (the kernel)."""
-    primals = (inp["x"], inp["weight"], inp["bias"])
-    tangents = (inp["x_dot"], inp["scale_dot"][0], inp["shift_dot"][0])
-    outs = [
-        torch.func.jvp(lambda x, w, b: fn(x, w, b, inp["scale"], inp["shift"], groups, eps, True), primals, tangents)
-        for fn in (impl, reference)
-    ]
-    assert_close(outs[0][1], outs[1][1], tol, "y_dot", seed)
+def check_gn_jvp_parameter_tangents(impl, reference, inp, groups, eps, tol, grad_tol, seed):
+    """Tangents on weight/bias (the PyTorch term) together with an x tangent (the kernel), with and
+    without the x tangent; then a loss on ẏ backpropagated to x, weight and bias."""
+    tangent_sets = {"x+params": (inp["x_dot"], inp["scale_dot"][0], inp["shift_dot"][0]),
+                    "params only": (torch.zeros_like(inp["x_dot"]), inp["scale_dot"][0], inp["shift_dot"][0])}
+    for label, tangents in tangent_sets.items():
+        results = []
+        for fn in (impl, reference):
+            primals = [leaf(inp[n]) for n in ("x", "weight", "bias")]
+            _, y_dot = torch.func.jvp(lambda x, w, b: fn(x, w, b, inp["scale"], inp["shift"], groups, eps, True),
+                                      tuple(primals), tangents)
+            results.append((y_dot, torch.autograd.grad((y_dot * inp["grad_y_dot"]).sum(), primals)))
+        (y_dot, grads), (y_dot_ref, grads_ref) = results
+        assert_close(y_dot, y_dot_ref, tol, f"{label}: y_dot", seed)
+        for name, g, g_ref in zip(("x", "weight", "bias"), grads, grads_ref):
+            assert_close(g, g_ref, grad_tol, f"{label}: d{name} through y_dot", seed)
 
 
 def check_gn_forward_ad(impl, reference, inp, groups, eps, tol, seed):
@@ -103,4 +110,21 @@ def check_gn_func_grad(impl, impl_dual, reference, reference_dual, inp, groups, 
 
     grads, grads_ref = grads_of(impl, impl_dual), grads_of(reference, reference_dual)
     for name, g, g_ref in zip(("x", "scale"), grads, grads_ref):
+        assert_close(g, g_ref, grad_tol, f"d{name}", seed)
+
+
+def check_attention_func_grad(impl, impl_dual, reference, reference_dual, inp, grad_tol, seed):
+    """torch.func.grad through the plain and the dual attention (custom ops with
+    register_autograd alone cannot be transformed): a loss on O of the plain op plus one on
+    (O, Ȯ) of the dual, differentiated in q, q̇, k, v."""
+    def grads_of(plain, dual):
+        def loss(q, q_dot, k, v):
+            o = plain(q, k, v)
+            o2, o2_dot = dual(q, q_dot, k, inp["k_dot"], v, inp["v_dot"])
+            return ((o + o2) * inp["grad_o"]).sum() + (o2_dot * inp["grad_o_dot"]).sum()
+
+        return torch.func.grad(loss, argnums=(0, 1, 2, 3))(inp["q"], inp["q_dot"], inp["k"], inp["v"])
+
+    grads, grads_ref = grads_of(impl, impl_dual), grads_of(reference, reference_dual)
+    for name, g, g_ref in zip(("q", "q_dot", "k", "v"), grads, grads_ref):
         assert_close(g, g_ref, grad_tol, f"d{name}", seed)

@@ -239,11 +239,12 @@ def test_gn_large_offset_group(seed):
 
 
 def test_gn_broadcast_and_strided_film(seed):
-    """scale as (C,) and (1, C) (broadcast over N), shift as a strided slice of an embedding."""
+    """scale as (C,), (1, C), (N, C, 1, 1) and (1, C, 1, 1) (broadcast over N), shift as a strided slice of an embedding."""
     shape, groups = (2, 8, 3, 5), 2
     inp = _gn_inputs(seed, shape, torch.float64)
     emb = _randn(torch.Generator().manual_seed(seed + 1), (2, 24), torch.float64)
-    for scale in (inp["scale"][0], inp["scale"][:1], emb[:, 8:16]):
+    for scale in (inp["scale"][0], inp["scale"][:1], emb[:, 8:16],
+                  inp["scale"][:, :, None, None], inp["scale"][:1, :, None, None]):
         shift = emb[:, 16:]
         leaves = [checks.leaf(t) for t in (inp["x"], inp["weight"], inp["bias"], scale, shift)]
         leaves_ref = [checks.leaf(t) for t in (inp["x"], inp["weight"], inp["bias"], scale, shift)]
@@ -276,7 +277,7 @@ def test_gn_func_jvp_parameter_tangents(seed):
     """Tangents on weight/bias (PyTorch term) together with an x tangent (dual op)."""
     inp = _gn_inputs(seed, SMALL[0], torch.float64)
     checks.check_gn_jvp_parameter_tangents(cpu.gn_film_silu_cpp, gn_film_silu_reference, inp, SMALL[1], EPS,
-                                    TOL[torch.float64], seed)
+                                    TOL[torch.float64], GRAD_TOL[torch.float64], seed)
 
 
 def test_gn_forward_ad(seed):
@@ -439,6 +440,12 @@ def test_attention_grads_float32_peaked_rows_as_precise_as_autograd(seed, form):
     ratio = checks.median_head_error_ratio(run(cpp_fn, f32), run(ref_fn, f32), run(ref_fn, inp))
     assert ratio <= 1.3, (
         f"seed={seed}: {form} C++ float32 gradient error is {ratio:.2f}x autograd's (median over heads)")
+
+
+def test_attention_func_grad(seed):
+    inp = _attn_inputs(seed, (1, 2, 37, 16), torch.float64)
+    checks.check_attention_func_grad(cpu.attention_cpp, cpu.attention_dual_cpp, attention_reference,
+                                     attention_dual_reference, inp, GRAD_TOL[torch.float64], seed)
 
 
 def test_attention_dual_without_tangents_returns_none(seed):

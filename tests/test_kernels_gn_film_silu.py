@@ -232,12 +232,13 @@ def test_large_offset_group(seed):
 
 
 def test_broadcast_and_strided_film(seed):
-    """scale as (C,) and (1, C) (broadcast over N), shift as a strided chunk of an embedding."""
+    """scale as (C,), (1, C), (N, C, 1, 1) and (1, C, 1, 1) (broadcast over N), shift as a strided chunk of an embedding."""
     shape, groups = (2, 8, 3, 5), 2
     inp = _make(seed, shape, torch.float32)
     gen = torch.Generator().manual_seed(seed + 1)
     emb = torch.randn(2, 24, generator=gen).to(DEVICE)
-    for scale in (inp["scale"][0], inp["scale"][:1], emb[:, 8:16]):
+    for scale in (inp["scale"][0], inp["scale"][:1], emb[:, 8:16],
+                  inp["scale"][:, :, None, None], inp["scale"][:1, :, None, None]):
         shift = emb[:, 16:]  # non-contiguous rows
         leaves_k = [checks.leaf(t) for t in (inp["x"], inp["weight"], inp["bias"], scale, shift)]
         leaves_r = [checks.leaf(t) for t in (inp["x"], inp["weight"], inp["bias"], scale, shift)]
@@ -248,6 +249,23 @@ def test_broadcast_and_strided_film(seed):
         grads_ref = torch.autograd.grad((y_ref * inp["grad_y"]).sum(), leaves_r)
         for name, g, g_ref in zip(PLAIN_NAMES, grads, grads_ref):
             checks.assert_close(g, g_ref, GRAD_TOL[torch.float32], f"d{name} (scale {tuple(scale.shape)})", seed)
+
+
+def test_float64_refused_and_dispatched_to_the_reference(monkeypatch, seed):
+    """The kernels compute in float32 at most: a float64 x is a TypeError here (it was computed in
+    float32 and stored back as float64), and fastflow.ops sends float64 to the reference even
+    where the fused backend is Triton."""
+    from fastflow import ops
+
+    inp = _make(seed, SMALL[0], torch.float32)
+    args = [inp[n].double() for n in ("x", "weight", "bias", "scale", "shift")]
+    with pytest.raises(TypeError, match="float64"):
+        gn.gn_film_silu_triton(*args, SMALL[1], EPS, True)
+    monkeypatch.setenv("FASTFLOW_OPS_BACKEND", "triton")
+    assert ops.fused_backend_for(args[0].device) == "triton"
+    y = ops.gn_film_silu(*args, groups=SMALL[1], eps=EPS, fused=True)
+    assert y.dtype == torch.float64
+    checks.assert_close(y, gn_film_silu_reference(*args, SMALL[1], EPS, True), 1e-12, "y", seed)
 
 
 def test_func_jvp_and_backward_through_tangent(seed):
@@ -261,7 +279,7 @@ def test_func_jvp_parameter_tangents(seed):
     """Tangents on weight/bias (PyTorch term) together with an x tangent (kernel)."""
     inp = _make(seed, SMALL[0], torch.float32)
     checks.check_gn_jvp_parameter_tangents(gn.gn_film_silu_triton, gn_film_silu_reference, inp, SMALL[1], EPS,
-                                    TOL[torch.float32], seed)
+                                    TOL[torch.float32], GRAD_TOL[torch.float32], seed)
 
 
 def test_forward_ad(seed):

@@ -334,7 +334,7 @@ def test_set_fused_kernels_propagates(monkeypatch: pytest.MonkeyPatch) -> None:
     # the forward really asks fastflow.ops for the fused implementation (served here by the reference)
     calls: List[Tuple[str, bool]] = []
 
-    def recording_impl(op: str, fused: bool, device: torch.device):
+    def recording_impl(op: str, fused: bool, device: torch.device, dtype: torch.dtype):
         calls.append((op, fused))
         return ops._REFERENCE[op]
 

@@ -129,10 +129,13 @@ def fused_backend_for(device: torch.device) -> str:
     return "reference"
 
 
-def _impl(op: str, fused: bool, device: torch.device) -> Callable:
+def _impl(op: str, fused: bool, device: torch.device, dtype: torch.dtype) -> Callable:
     if not fused or _FORCE_REFERENCE:
         return _REFERENCE[op]
-    table = _load_backend(fused_backend_for(device))
+    backend = fused_backend_for(device)
+    if backend == "triton" and dtype == torch.float64:  # the Triton kernels compute in float32 at most
+        return _REFERENCE[op]
+    table = _load_backend(backend)
     return (table or _REFERENCE)[op]
 
 
@@ -156,7 +159,10 @@ def math_attention(enabled: bool = True):
 def reference_only(enabled: bool = True):
     """Run every op on the PyTorch reference inside this context, whatever ``fused`` says.
 
-    ``torch.func.jvp`` callers use it: the reference has forward-mode AD everywhere.
+    ``torch.func.jvp`` callers use it: the reference has forward-mode AD everywhere. The unfused
+    plain attention forward stays on ``scaled_dot_product_attention`` (also a PyTorch op, but
+    without forward-mode AD on its fused backends); enter :func:`math_attention` as well for the
+    explicit softmax.
     """
     global _FORCE_REFERENCE
     previous = _FORCE_REFERENCE
@@ -180,7 +186,7 @@ def gn_film_silu(
     fused: bool = False,
 ) -> Tensor:
     """GroupNorm (float32 statistics) → affine → optional FiLM ·(1+scale)+shift → optional SiLU."""
-    return _impl("gn_film_silu", fused, x.device)(x, weight, bias, scale, shift, groups, eps, silu)
+    return _impl("gn_film_silu", fused, x.device, x.dtype)(x, weight, bias, scale, shift, groups, eps, silu)
 
 
 def gn_film_silu_dual(
@@ -201,7 +207,7 @@ def gn_film_silu_dual(
     """(y, ẏ) of :func:`gn_film_silu`; None tangents are zero. Differentiable in every input."""
     if x_dot is None and scale_dot is None and shift_dot is None:
         return gn_film_silu(x, weight, bias, scale, shift, groups=groups, eps=eps, silu=silu, fused=fused), None
-    return _impl("gn_film_silu_dual", fused, x.device)(
+    return _impl("gn_film_silu_dual", fused, x.device, x.dtype)(
         x, x_dot, weight, bias, scale, scale_dot, shift, shift_dot, groups, eps, silu
     )
 
@@ -211,7 +217,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, fused: bool = False) -> Tensor
     if not fused and not _FORCE_MATH_ATTENTION:
         # Unfused plain forward: SDPA picks flash / memory-efficient kernels where it can.
         return torch.nn.functional.scaled_dot_product_attention(q, k, v)
-    return _impl("attention", fused, q.device)(q, k, v)
+    return _impl("attention", fused, q.device, q.dtype)(q, k, v)
 
 
 def attention_dual(
@@ -227,4 +233,4 @@ def attention_dual(
     """(O, Ȯ) of :func:`attention`; None tangents are zero. Differentiable in every input."""
     if q_dot is None and k_dot is None and v_dot is None:
         return attention(q, k, v, fused=fused), None
-    return _impl("attention_dual", fused, q.device)(q, q_dot, k, k_dot, v, v_dot)
+    return _impl("attention_dual", fused, q.device, q.dtype)(q, q_dot, k, k_dot, v, v_dot)

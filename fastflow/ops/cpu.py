@@ -30,7 +30,7 @@ import torch
 import torch.autograd.forward_ad as _fwad
 from torch import Tensor
 
-from fastflow.ops.reference import is_channels_last
+from fastflow.ops.reference import is_channels_last, normalized_groups
 
 __all__ = [
     "is_available",
@@ -129,10 +129,11 @@ def _check_attention(q: Tensor, k: Tensor, v: Tensor) -> None:
 
 
 def _grad_like(grad: Tensor, p: Optional[Tensor], needed: bool) -> Optional[Tensor]:
-    """Reduce an (N, C) / (C,) kernel gradient to parameter ``p``'s shape and dtype."""
+    """Reduce an (N, C) / (C,) kernel gradient to parameter ``p``'s shape and dtype; (N, C, 1, 1)
+    FiLM parameters keep their batch dimension."""
     if p is None or not needed:
         return None
-    if grad.dim() == 2 and grad.shape != p.shape:  # (C,) or (1, C) FiLM parameter
+    if grad.dim() == 2 and (p.dim() == 1 or p.shape[0] == 1):  # (C,), (1, C) or (1, C, 1, 1): shared
         grad = grad.sum(0)
     return grad.reshape(p.shape).to(p.dtype)
 
@@ -322,13 +323,15 @@ if is_available():
 # ----------------------------------------------------------------------------------------------
 
 
-def _param_tangent_term(x, weight_dot, bias_dot, scale, mean, rstd, groups):
-    """(n̂·γ̇ + β̇)·(1 + s): the part of ż from weight/bias tangents (PyTorch, O(N·C·HW))."""
-    n_batch, channels = x.shape[0], x.shape[1]
+def _param_tangent_term(x, weight_dot, bias_dot, scale, groups, eps):
+    """(n̂·γ̇ + β̇)·(1 + s): the part of ż from weight/bias tangents (PyTorch, O(N·C·HW)). n̂ is
+    recomputed from x (not from the op's non-differentiable saved statistics), so a backward
+    through ẏ sees its dependence on x."""
+    channels = x.shape[1]
     acc = _accumulation_dtype(x.dtype)
     view = (1, channels) + (1,) * (x.dim() - 2)
     film_view = (-1, channels) + (1,) * (x.dim() - 2)
-    normed = ((x.to(acc).reshape(n_batch, groups, -1) - mean[..., None]) * rstd[..., None]).reshape(x.shape)
+    normed = normalized_groups(x.to(acc), groups, eps)
     term = torch.zeros((), dtype=acc)
     if weight_dot is not None:
         term = term + normed * weight_dot.to(acc).reshape(view)
@@ -375,7 +378,7 @@ class GNFilmSiLUFunction(torch.autograd.Function):
                 x, x_dot, weight, bias, scale, scale_dot, shift, shift_dot, groups, eps, silu
             )
         if weight_dot is not None or bias_dot is not None:
-            extra = _param_tangent_term(x, weight_dot, bias_dot, scale, mean, rstd, groups)
+            extra = _param_tangent_term(x, weight_dot, bias_dot, scale, groups, eps)
             if silu:
                 z = torch.ops.fastflow_cpp.gn_film_silu_fwd(x, weight, bias, scale, shift, groups, eps, False)[0]
                 z = z.to(extra.dtype)

@@ -53,6 +53,15 @@ def _group_stats(xg: Tensor, dims: Tuple[int, ...], eps: float) -> Tuple[Tensor,
     return mean, torch.rsqrt(var + eps)
 
 
+def normalized_groups(x: Tensor, groups: int, eps: float) -> Tensor:
+    """GN(x) = (x − μ_g)·rsqrt(σ²_g + eps) before the affine, in x's shape (float32, or float64
+    for float64 x), differentiable in x: for the fused ops' jvp rules, whose saved statistics
+    are not."""
+    xg, dims = _grouped(x, groups)
+    mean, rstd = _group_stats(xg, dims, eps)
+    return ((xg - mean) * rstd).flatten(1, 2)
+
+
 def _channel_param(p: Optional[Tensor], n: int, c: int, ndim: int) -> Optional[Tensor]:
     """(C,) or (N, C) parameter -> broadcastable (1|N, C, 1, ...) float32."""
     if p is None:
