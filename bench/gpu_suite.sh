@@ -3,7 +3,7 @@
 # torch.compile, kernel tests, compiled train steps — in under 8 minutes on a lent H200.
 #
 #   bash bench/gpu_suite.sh                      # full; on the device: run tool, command `bash bench/gpu_suite.sh`
-#   GPU_SUITE_QUICK=1 bash bench/gpu_suite.sh    # ~2-minute smoke
+#   GPU_SUITE_QUICK=1 bash bench/gpu_suite.sh    # ~3-minute smoke
 #   bash bench/gpu_suite.sh --cpu                # dry run on a CPU with tiny sizes
 #
 # Files go to $OUT (the device tool returns them) or /tmp/fastflow_gpu_suite; the summary table is
@@ -19,7 +19,7 @@ mkdir -p "$OUT_DIR"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
-# Backstop only: the Python orchestrator keeps its own deadline (450 s full, 140 s quick, 420 s
+# Backstop only: the Python orchestrator keeps its own deadline (450 s full, 180 s quick, 420 s
 # --cpu, or --budget) and ends its children on SIGTERM.
 backstop=${GPU_SUITE_TIMEOUT:-470}
 prev=""

@@ -62,7 +62,7 @@ def make_step(case: str, size: str, device: torch.device, compile: bool = False,
                                          reconstruction_weight=c.reconstruction_weight).train()
         # Same parameters and optimizer; the loss (and the FLOP count) become the course's.
         step.method = step.loss_fn = baseline
-        step.autocast_enabled = False  # the course's jvp section runs in float32 with autocast off
+        # Outer bf16 autocast stays on, as in the course; its jvp part turns autocast off itself.
     return step
 
 

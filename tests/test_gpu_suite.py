@@ -76,3 +76,17 @@ def test_results_file_is_in_bench_format(suite_out):
     assert {"ceilings", "dist_step", "kernels-gn_film_silu", "kernels-attention", "kernels-attention_dual"} <= groups
     for rec in doc["benchmarks"]:
         assert rec["fullname"].startswith("gpu_suite::") and rec["stats"]["median"] > 0, rec
+
+
+def test_section_budgets_fit_the_deadline():
+    """Every section but the opportunistic last one (train_dist: only with time left) fits in the
+    profile's deadline less the reserve: before, the full profile's budgets summed to 630 s against
+    438 s, so train_compiled got whatever the earlier sections left."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "bench"))
+    import gpu_suite
+
+    for name, profile in gpu_suite.PROFILES.items():
+        planned = sum(v for k, v in profile.budgets.items() if k != gpu_suite.SECTIONS[-1])
+        assert planned <= profile.total_s - gpu_suite.RESERVE_S, (name, planned, profile.total_s)

@@ -82,7 +82,9 @@ def jvp_derivative(model: Callable, x: Tensor, s: Tensor, t: Tensor, precision: 
     """
     reference = _jvp_uses_reference(model, x.device)
     ctx = _autocast_off(x.device.type) if precision == "float32" else contextlib.nullcontext()
-    with ctx, ops.math_attention(), ops.reference_only(reference):
+    # reference_only(False) would switch an outer reference_only() off (the FLOP counter's): enter it only to force.
+    force = ops.reference_only() if reference else contextlib.nullcontext()
+    with ctx, ops.math_attention(), force:
         if precision == "float32":
             x, s, t = _at_least_float32(x), _at_least_float32(s), _at_least_float32(t)
         v, dv = torch.func.jvp(lambda tt: model(x, s, tt), (t,), (torch.ones_like(t),))
