@@ -54,7 +54,8 @@ through an ``autograd.Function`` whose ``jvp`` runs the dual kernel, so ``torch.
 the custom op is used instead, and custom ops have no forward-AD rule in torch: a
 ``torch.func.jvp`` traced by ``torch.compile`` through :func:`attention_triton` gets a silently
 ZERO tangent from it (seen on torch 2.14.1). Compiled code that needs Ȯ must call :func:`attention_dual_triton`
-explicitly. Not supported: double backward, ``vmap``.
+explicitly. Not supported: double backward (it raises a RuntimeError naming the op, never a silent
+constant gradient: fastflow/ops/autograd_guard.py) and ``vmap``.
 """
 
 import contextlib
@@ -66,6 +67,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from fastflow.ops.autograd_guard import once_differentiable
 
 __all__ = ["attention_triton", "attention_dual_triton"]
 
@@ -913,7 +916,7 @@ class _AttentionDualFunction(torch.autograd.Function):
         ctx.mark_non_differentiable(output[2], output[3])
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @once_differentiable("attention_dual")
     def backward(ctx, grad_o, grad_o_dot, grad_lse, grad_mu):
         return _attention_dual_fwd_backward(ctx, grad_o, grad_o_dot, grad_lse, grad_mu)
 
@@ -941,7 +944,7 @@ class _AttentionFunction(torch.autograd.Function):
         ctx.mark_non_differentiable(lse)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @once_differentiable("attention")
     def backward(ctx, grad_o: Tensor, grad_lse: Optional[Tensor]):
         q, k, v, o, lse = ctx.saved_tensors
         return _attention_bwd_op(grad_o, q, k, v, o, lse)

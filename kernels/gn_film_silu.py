@@ -48,7 +48,8 @@ torch.func, pytorch#168393); the plain one has a ``jvp`` that runs the dual Func
 ``torch.func.jvp`` and ``torch.autograd.forward_ad`` work and a backward through ẏ runs the dual
 backward kernel. Dynamo refuses an ``autograd.Function`` with a custom ``jvp``, which is why the
 compiled path uses the operators (and has no forward-mode AD). The backward operators are not
-themselves differentiable (no double backward; ``vmap`` has no rule either).
+themselves differentiable: a double backward raises a RuntimeError naming the op
+(fastflow/ops/autograd_guard.py) instead of treating the gradient as a constant; ``vmap`` has no rule.
 
 Debugging: ``set_poison_outputs(True)`` (or ``FASTFLOW_TRITON_POISON=1``) fills every output
 buffer with NaN before the kernels write it, so an element a kernel misses shows up in the tests.
@@ -64,6 +65,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fastflow.ops.autograd_guard import once_differentiable
 from fastflow.ops.reference import normalized_groups
 
 __all__ = [
@@ -1565,7 +1567,7 @@ class GNFilmSiLUDualFunction(torch.autograd.Function):
         _dual_setup_context(ctx, inputs, output)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @once_differentiable("gn_film_silu_dual")
     def backward(ctx, grad_y, grad_y_dot, *_grad_stats):
         return _dual_backward(ctx, grad_y, grad_y_dot)
 
@@ -1590,7 +1592,7 @@ class GNFilmSiLUFunction(torch.autograd.Function):
         ctx.save_for_forward(x, weight, bias, scale, shift, mean, rstd)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @once_differentiable("gn_film_silu")
     def backward(ctx, grad_y, _grad_mean, _grad_rstd):
         return _plain_backward(ctx, grad_y)
 

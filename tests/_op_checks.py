@@ -128,3 +128,66 @@ def check_attention_func_grad(impl, impl_dual, reference, reference_dual, inp, g
     grads, grads_ref = grads_of(impl, impl_dual), grads_of(reference, reference_dual)
     for name, g, g_ref in zip(("q", "q_dot", "k", "v"), grads, grads_ref):
         assert_close(g, g_ref, grad_tol, f"d{name}", seed)
+
+
+def _assert_second_order_raises(penalty, wrt, op, seed, what):
+    """A backward through the fused op's backward must raise the guard's error naming ``op``
+    (fastflow/ops/autograd_guard.py), never return partial or None gradients."""
+    import pytest
+
+    with pytest.raises(RuntimeError, match=rf"fastflow\.ops\.{op}: the fused kernel's backward is not differentiable"):
+        torch.autograd.grad(penalty, wrt, allow_unused=True)
+        raise AssertionError(f"{what}: second-order gradient through {op} returned without error (seed={seed})")
+
+
+def _check_double_backward(forms, inp, names, grad_tol, seed):
+    """For each (form, op, loss(fn, a, b, square), fused, reference): the gradient in ``names[0]``
+    with create_graph=True matches the reference's; a penalty on it, differentiated in
+    ``names[1]``, raises the guard's error — with an upstream gradient that requires grad
+    (square=True: Σ g·y²) and with a constant one (Σ g·y: only the saved inputs carry the
+    dependence), and when the penalty also reaches ``names[1]`` by a path around the op (so a
+    skipped node would go unnoticed)."""
+    for form, op, loss_fn, fused, ref in forms:
+        for square in (True, False):
+            what = f"{form}, {'Σg·out²' if square else 'Σg·out'}"
+            results = []
+            for fn in (fused, ref):
+                a, b = leaf(inp[names[0]]), leaf(inp[names[1]])
+                results.append((b, torch.autograd.grad(loss_fn(fn, a, b, square), a, create_graph=True)[0]))
+            (b, grad), (_, grad_ref) = results
+            assert_close(grad, grad_ref, grad_tol, f"{what}: d{names[0]} with create_graph=True", seed)
+            _assert_second_order_raises((grad * grad).sum(), b, op, seed, what)
+            _assert_second_order_raises((grad * grad).sum() + (b * b).sum(), b, op, seed,
+                                        f"{what} + a path around the op")
+
+
+def check_gn_double_backward(impl, impl_dual, reference, reference_dual, inp, groups, eps, grad_tol, seed):
+    """create_graph=True through GroupNorm+FiLM+SiLU (plain and dual) keeps dx right; a gradient
+    penalty on dx w.r.t. the weight raises (the backward kernels have no derivative)."""
+    def plain_loss(fn, x, weight, square):
+        y = fn(x, weight, inp["bias"], inp["scale"], inp["shift"], groups, eps, True)
+        return ((y * y if square else y) * inp["grad_y"]).sum()
+
+    def dual_loss(fn, x, weight, square):
+        y, y_dot = fn(x, inp["x_dot"], weight, inp["bias"], inp["scale"], inp["scale_dot"],
+                      inp["shift"], inp["shift_dot"], groups, eps, True)
+        return ((y_dot * y_dot if square else y_dot) * inp["grad_y_dot"]).sum() + (y * inp["grad_y"]).sum()
+
+    _check_double_backward((("plain", "gn_film_silu", plain_loss, impl, reference),
+                            ("dual", "gn_film_silu_dual", dual_loss, impl_dual, reference_dual)),
+                           inp, ("x", "weight"), grad_tol, seed)
+
+
+def check_attention_double_backward(impl, impl_dual, reference, reference_dual, inp, grad_tol, seed):
+    """The attention counterpart of :func:`check_gn_double_backward` (penalty on dq, w.r.t. k)."""
+    def plain_loss(fn, q, k, square):
+        o = fn(q, k, inp["v"])
+        return ((o * o if square else o) * inp["grad_o"]).sum()
+
+    def dual_loss(fn, q, k, square):
+        o, o_dot = fn(q, inp["q_dot"], k, inp["k_dot"], inp["v"], inp["v_dot"])
+        return ((o_dot * o_dot if square else o_dot) * inp["grad_o_dot"]).sum() + (o * inp["grad_o"]).sum()
+
+    _check_double_backward((("plain", "attention", plain_loss, impl, reference),
+                            ("dual", "attention_dual", dual_loss, impl_dual, reference_dual)),
+                           inp, ("q", "k"), grad_tol, seed)

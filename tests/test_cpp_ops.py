@@ -292,6 +292,14 @@ def test_gn_func_grad(seed):
                        gn_film_silu_dual_reference, inp, SMALL[1], EPS, GRAD_TOL[torch.float64], seed)
 
 
+def test_gn_double_backward_raises(seed):
+    """create_graph=True keeps first-order gradients right; a gradient penalty through the C++
+    backward raises by name instead of returning wrong (constant-treated) gradients."""
+    inp = _gn_inputs(seed, SMALL[0], torch.float64)
+    checks.check_gn_double_backward(cpu.gn_film_silu_cpp, cpu.gn_film_silu_dual_cpp, gn_film_silu_reference,
+                                    gn_film_silu_dual_reference, inp, SMALL[1], EPS, GRAD_TOL[torch.float64], seed)
+
+
 def test_gn_invalid_groups_raises():
     x = torch.randn(2, 6, 3, 3)
     with pytest.raises(ValueError, match="divisible"):
@@ -446,6 +454,12 @@ def test_attention_func_grad(seed):
     inp = _attn_inputs(seed, (1, 2, 37, 16), torch.float64)
     checks.check_attention_func_grad(cpu.attention_cpp, cpu.attention_dual_cpp, attention_reference,
                                      attention_dual_reference, inp, GRAD_TOL[torch.float64], seed)
+
+
+def test_attention_double_backward_raises(seed):
+    inp = _attn_inputs(seed, (1, 2, 37, 16), torch.float64)
+    checks.check_attention_double_backward(cpu.attention_cpp, cpu.attention_dual_cpp, attention_reference,
+                                           attention_dual_reference, inp, GRAD_TOL[torch.float64], seed)
 
 
 def test_attention_dual_without_tangents_returns_none(seed):

@@ -202,6 +202,12 @@ def test_func_grad(seed):
                                      attention_dual_reference, x, GRAD_TOL[torch.float32], seed)
 
 
+def test_double_backward_raises(seed):
+    x = _make(seed, (1, 2, 37, 16), torch.float32)
+    checks.check_attention_double_backward(attn.attention_triton, attn.attention_dual_triton, attention_reference,
+                                           attention_dual_reference, x, GRAD_TOL[torch.float32], seed)
+
+
 def test_dual_without_tangents_returns_none(seed):
     x = _make(seed, (1, 1, 48, 16), torch.float32)
     o, o_dot = attn.attention_dual_triton(x["q"], None, x["k"], None, x["v"], None)

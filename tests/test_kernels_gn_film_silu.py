@@ -294,6 +294,14 @@ def test_func_grad(seed):
                        gn_film_silu_dual_reference, inp, SMALL[1], EPS, GRAD_TOL[torch.float32], seed)
 
 
+def test_double_backward_raises(seed):
+    """create_graph=True keeps first-order gradients right; a gradient penalty through the
+    backward kernels raises by name instead of returning wrong gradients."""
+    inp = _make(seed, SMALL[0], torch.float32)
+    checks.check_gn_double_backward(gn.gn_film_silu_triton, gn.gn_film_silu_dual_triton, gn_film_silu_reference,
+                                    gn_film_silu_dual_reference, inp, SMALL[1], EPS, GRAD_TOL[torch.float32], seed)
+
+
 def test_invalid_groups_raises():
     x = torch.randn(2, 6, 3, 3, device=DEVICE)
     with pytest.raises(ValueError, match="divisible"):

@@ -16,7 +16,8 @@ whose ``jvp`` calls the differentiable dual operator, so ``torch.func.jvp`` and
 tangent. Those Functions are used only where forward-mode AD or a ``torch.func`` transform is active
 (checked per call); plain eager calls and ``torch.compile`` call the operators directly (Dynamo
 refuses an ``autograd.Function`` with a custom ``jvp``, so there is no forward-mode AD under
-compile). The backward operators are not differentiable themselves (no double backward).
+compile). The backward operators are not differentiable themselves: a double backward raises a
+RuntimeError naming the op (:mod:`fastflow.ops.autograd_guard`) instead of returning wrong gradients.
 
 ``is_available()`` is False, without raising, when the extension is not built or cannot load.
 float16/bfloat16 inputs are computed in float32 inside the kernels; float64 stays float64.
@@ -30,6 +31,7 @@ import torch
 import torch.autograd.forward_ad as _fwad
 from torch import Tensor
 
+from fastflow.ops.autograd_guard import once_differentiable
 from fastflow.ops.reference import is_channels_last, normalized_groups
 
 __all__ = [
@@ -217,6 +219,7 @@ if is_available():
         ctx.save_for_backward(x, weight, bias, scale, shift, mean, rstd)
         ctx.groups, ctx.silu = groups, silu
 
+    @once_differentiable("gn_film_silu")
     def _gn_fwd_backward(ctx, grad_y, _grad_mean, _grad_rstd):
         return _gn_plain_backward(ctx.saved_tensors, grad_y, ctx.needs_input_grad, ctx.groups, ctx.silu)
 
@@ -227,6 +230,7 @@ if is_available():
         ctx.save_for_backward(x, x_dot, weight, bias, scale, scale_dot, shift, shift_dot, output[2])
         ctx.groups, ctx.silu = groups, silu
 
+    @once_differentiable("gn_film_silu_dual")
     def _gn_dual_backward(ctx, grad_y, grad_y_dot, _grad_stats):
         if grad_y is None and grad_y_dot is None:
             return (None,) * 11
@@ -258,6 +262,7 @@ if is_available():
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(q, k, v, output[1])
 
+    @once_differentiable("attention")
     def _attention_fwd_backward(ctx, grad_o, _grad_lse):
         if grad_o is None:
             return None, None, None
@@ -271,6 +276,7 @@ if is_available():
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(*inputs, output[2])
 
+    @once_differentiable("attention_dual")
     def _attention_dual_backward(ctx, grad_o, grad_o_dot, _grad_lse):
         if grad_o is None and grad_o_dot is None:
             return (None,) * 6
