@@ -4,8 +4,9 @@
     python bench/compare.py --device nvidia-h200     # one device
     python bench/compare.py OLD.json NEW.json        # two given files (ours or --benchmark-json ones)
 
-Result files are ``bench/results/<device-slug>_<YYYY-MM-DD>.json`` (written by
-``pytest bench/ --benchmark-only --bench-save`` and by the GPU suite). A day's file holds the suites
+Result files are ``bench/results/<device-slug>_<YYYY-MM-DD>[_<tag>].json`` (written by
+``pytest bench/ --benchmark-only --bench-save`` and by the GPU suite; bench/dist_step.py adds the
+tag ``_dist``). A day's file holds the suites
 run that day, so a benchmark's latest and previous results can lie in different files: per device,
 each benchmark (at each bench size) is followed through all of the device's files and its newest
 two results are compared, with their dates. For each it prints the median time, img/s (when the
@@ -37,23 +38,36 @@ def load_results(path: Path) -> Dict[str, Any]:
         device = dict(machine.get("fastflow_device") or {})
         if doc.get("datetime"):
             device.setdefault("date", str(doc["datetime"])[:10])
-    stem_slug, _, stem_date = path.stem.rpartition("_")
-    if re.fullmatch(r"\d{4}-\d{2}-\d{2}", stem_date):
-        device.setdefault("slug", stem_slug)
+    named = parse_result_name(path)
+    if named is not None:
+        device.setdefault("slug", named[0])
         if not device.get("date"):
-            device["date"] = stem_date
+            device["date"] = named[1]
     device.setdefault("slug", path.stem)
     device.setdefault("device_name", device["slug"])
     return {"device": device, "benchmarks": doc.get("benchmarks", []), "path": str(path),
             "source": doc.get("source", "pytest"), "bench_size": doc.get("bench_size")}
 
 
+_RESULT_NAME = re.compile(r"^(?P<slug>.+)_(?P<date>\d{4}-\d{2}-\d{2})(?:_(?P<tag>\w+))?$")
+
+
+def parse_result_name(path: Path) -> Optional[Tuple[str, str, str]]:
+    """(device slug, date, tag) of ``<slug>_<YYYY-MM-DD>[_<tag>].json`` (tag e.g. ``dist`` for
+    bench/dist_step.py's file; '' when absent), or None for any other name."""
+    match = _RESULT_NAME.match(Path(path).stem)
+    if match is None:
+        return None
+    return match["slug"], match["date"], match["tag"] or ""
+
+
 def result_files(results_dir: Path) -> Dict[str, List[Path]]:
     """slug -> result files sorted oldest → newest (by the date in the name, then mtime)."""
     by_slug: Dict[str, List[Tuple[str, float, Path]]] = defaultdict(list)
     for path in Path(results_dir).glob("*.json"):
-        slug, _, date = path.stem.rpartition("_")
-        if slug and len(date) == 10:
+        named = parse_result_name(path)
+        if named is not None:
+            slug, date, _ = named
             by_slug[slug].append((date, path.stat().st_mtime, path))
     return {slug: [p for _, _, p in sorted(items)] for slug, items in by_slug.items()}
 
@@ -162,11 +176,16 @@ def history_rows(history: Dict[Tuple[str, str], List[Entry]]) -> List[List[str]]
     return rows
 
 
+def _file_date(path: Path) -> str:
+    named = parse_result_name(path)
+    return named[1] if named is not None else "?"
+
+
 def compare_device(slug: str, paths: Sequence[Path]) -> str:
     """Each benchmark's newest result against its previous one, over a device's files."""
     device = load_results(paths[-1])["device"]
     title = (f"{device.get('device_name', slug)} [{slug}]: {len(paths)} result file(s), "
-             f"{Path(paths[0]).stem.rpartition('_')[2]} … {Path(paths[-1]).stem.rpartition('_')[2]}")
+             f"{_file_date(paths[0])} … {_file_date(paths[-1])}")
     headers = ["benchmark", "old date", "median old", "new date", "median new", "Δ time",
                "img/s old", "img/s new", "Δ img/s"]
     return title + "\n" + render(history_rows(device_history(paths)), headers)

@@ -20,11 +20,11 @@ def _record(group, name, median, img_per_s=None):
             "stats": {"median": median}, "extra_info": extra}
 
 
-def _write(directory, slug, date, records, bench_size="small", name="Test GPU"):
+def _write(directory, slug, date, records, bench_size="small", name="Test GPU", tag=""):
     doc = {"schema": "fastflow-bench/1", "device": {"slug": slug, "date": date, "device_name": name,
                                                     "device_type": "cuda"},
            "bench_size": bench_size, "benchmarks": records}
-    path = directory / f"{slug}_{date}.json"
+    path = directory / f"{slug}_{date}{tag}.json"
     path.write_text(json.dumps(doc))
     return path
 
@@ -35,16 +35,21 @@ def _results(tmp_path):
     _write(tmp_path, "gpu-x", "2026-11-05", [_record("kernels", "gn[fused]", 1e-3)])  # kernels only
     _write(tmp_path, "gpu-x", "2026-11-07", [_record("train_step", "step[fm]", 0.080, 1600.0)],
            bench_size="default")  # another size: its own history
-    (tmp_path / "gpu-x_2026-11-07_dist.json").write_text("{}")  # not a dated result file: ignored
+    _write(tmp_path, "gpu-x", "2026-11-07", [_record("dist_step", "dist_step[fm-ddp]", 0.200, 640.0)],
+           tag="_dist")  # bench/dist_step.py's file: the same device and day, its own benchmarks
+    (tmp_path / "gpu-x_latest.json").write_text("{}")  # not a dated result file: ignored
     return compare.result_files(tmp_path)
 
 
 def test_history_follows_each_benchmark_through_the_device_files(tmp_path):
     files = _results(tmp_path)
-    assert [p.name for p in files["gpu-x"]] == ["gpu-x_2026-11-01.json", "gpu-x_2026-11-05.json",
-                                                "gpu-x_2026-11-07.json"]
+    assert sorted(p.name for p in files["gpu-x"]) == ["gpu-x_2026-11-01.json", "gpu-x_2026-11-05.json",
+                                                      "gpu-x_2026-11-07.json", "gpu-x_2026-11-07_dist.json"]
+    assert [p.name[:16] for p in files["gpu-x"]][:2] == ["gpu-x_2026-11-01", "gpu-x_2026-11-05"]
     rows = {row[0]: row for row in compare.history_rows(compare.device_history(files["gpu-x"]))}
-    assert set(rows) == {"kernels: gn[fused]", "train_step: step[fm] [small]", "train_step: step[fm] [default]"}
+    assert set(rows) == {"kernels: gn[fused]", "train_step: step[fm] [small]", "train_step: step[fm] [default]",
+                         "dist_step: dist_step[fm-ddp]"}
+    assert rows["dist_step: dist_step[fm-ddp]"][3:5] == ["2026-11-07", "200 ms"]
     # kernel: 11-01 -> 11-05, half the time
     assert rows["kernels: gn[fused]"][1:6] == ["2026-11-01", "2 ms", "2026-11-05", "1 ms", "-50.0%"]
     # small-size train step: only in the 11-01 file, not hidden by the later kernel-only file
@@ -54,7 +59,7 @@ def test_history_follows_each_benchmark_through_the_device_files(tmp_path):
     # sizes are named only where a benchmark has more than one
     assert rows["train_step: step[fm] [default]"][5] == "-"
     text = compare.compare_device("gpu-x", files["gpu-x"])
-    assert text.startswith("Test GPU [gpu-x]: 3 result file(s), 2026-11-01 … 2026-11-07")
+    assert text.startswith("Test GPU [gpu-x]: 4 result file(s), 2026-11-01 … 2026-11-07")
 
 
 def test_readme_table_takes_each_benchmark_from_its_newest_file(tmp_path):
