@@ -21,7 +21,8 @@ def test_count_flops_linear_forward_and_backward():
 
 @pytest.mark.parametrize("name,peak", [
     ("NVIDIA H200", 989.4e12), ("NVIDIA GH200 480GB", 989.4e12), ("NVIDIA H100 80GB HBM3", 989.4e12),
-    ("NVIDIA H100 PCIe", 756.0e12), ("NVIDIA A100-SXM4-80GB", 312.0e12), ("NVIDIA A10G", 70.0e12),
+    ("NVIDIA H100 PCIe", 756.0e12), ("NVIDIA H200 NVL", 835.0e12), ("NVIDIA H100 NVL", 835.0e12),
+    ("NVIDIA A100-SXM4-80GB", 312.0e12), ("NVIDIA A10G", 70.0e12),
     ("NVIDIA A10", 125.0e12), ("Tesla T4", None),
 ])
 def test_peak_flops_by_device_name(name, peak):

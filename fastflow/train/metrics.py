@@ -9,7 +9,9 @@ import torch
 # Dense bf16 tensor-core peaks (FLOP/s) from vendor datasheets, matched in order (most specific
 # first) on the lower-cased device name. The one table: bench/utils.py uses it too.
 PEAK_BF16_FLOPS = (
-    ("h200", 989.4e12),      # also GH200
+    ("h200 nvl", 835.0e12),  # PCIe card at 600 W (NVIDIA H200 NVL)
+    ("h200", 989.4e12),      # SXM; also GH200
+    ("h100 nvl", 835.0e12),
     ("h100 pcie", 756.0e12),
     ("h100", 989.4e12),      # SXM
     ("a100", 312.0e12),
