@@ -19,7 +19,7 @@
 // Statistics are float32 for float32/float16/bfloat16 inputs (half inputs are converted to float32
 // up front) and float64 for float64 inputs (the tests use this for tight comparisons; the
 // reference itself rounds float64 through float32). Group sums are accumulated in vector lanes
-// over chunks of ≤ 1024 elements, then in double.
+// over chunks of ≤ 1024 elements, then in double; so are the backwards' per-channel sums.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -47,6 +47,13 @@ constexpr int64_t kChunk = 1024;  // lanes accumulate ≤ 1024/W values before a
 // ---------------------------------------------------------------------------------------------
 // Group sums
 // ---------------------------------------------------------------------------------------------
+
+// body(c0, len) over [0, m) in chunks of ≤ kChunk elements: the body accumulates one chunk in
+// vector lanes and folds the lane sums into doubles (the per-channel sums of the backwards).
+template <typename F>
+FASTFLOW_INLINE void for_chunks(int64_t m, F&& body) {
+  for (int64_t c0 = 0; c0 < m; c0 += kChunk) body(c0, std::min(kChunk, m - c0));
+}
 
 // Σ x over m contiguous elements.
 template <typename T>
@@ -200,26 +207,31 @@ FASTFLOW_INLINE void gn_bwd_group(const GroupArgs<T>& g, const T* x, const T* gy
     const T* xc = x + c * g.hw;
     const T* gyc = gy + c * g.hw;
     T* dzc = dx + c * g.hw;
-    V acc_a = VT::splat(T(0)), acc_b = VT::splat(T(0));
-    vec_loop<T>(g.hw, [&](int64_t i, int64_t n) FASTFLOW_LAMBDA {
-      const V xv = VT::load(xc + i, n);
-      V dz = VT::load(gyc + i, n);
-      if constexpr (silu) {
-        const V z = xv * a + b;
-        const V sig = simd::sigmoid<T>(z);
-        dz = dz * (sig * (T(1) + z * (T(1) - sig)));
-        VT::store(dzc + i, dz, n);
-      }
-      acc_a += dz;
-      acc_b += dz * (xv * rstd + neg_mean_r);
+    double sum_a = 0.0, sum_b = 0.0;
+    for_chunks(g.hw, [&](int64_t c0, int64_t len) FASTFLOW_LAMBDA {
+      V acc_a = VT::splat(T(0)), acc_b = VT::splat(T(0));
+      vec_loop<T>(len, [&](int64_t i, int64_t n) FASTFLOW_LAMBDA {
+        const V xv = VT::load(xc + c0 + i, n);
+        V dz = VT::load(gyc + c0 + i, n);
+        if constexpr (silu) {
+          const V z = xv * a + b;
+          const V sig = simd::sigmoid<T>(z);
+          dz = dz * (sig * (T(1) + z * (T(1) - sig)));
+          VT::store(dzc + c0 + i, dz, n);
+        }
+        acc_a += dz;
+        acc_b += dz * (xv * rstd + neg_mean_r);
+      });
+      sum_a += VT::sum(acc_a);
+      sum_b += VT::sum(acc_b);
     });
-    const T sum_a = VT::sum(acc_a), sum_b = VT::sum(acc_b);
-    dshift[c] = sum_a;
-    dscale[c] = w * sum_b + g.bias[c] * sum_a;
-    dweight_n[c] = s1 * sum_b;
-    dbias_n[c] = s1 * sum_a;
-    sum_dn += static_cast<double>(w * s1) * sum_a;
-    sum_dn_n += static_cast<double>(w * s1) * sum_b;
+    const double wd = w, s1d = s1;
+    dshift[c] = static_cast<T>(sum_a);
+    dscale[c] = static_cast<T>(wd * sum_b + static_cast<double>(g.bias[c]) * sum_a);
+    dweight_n[c] = static_cast<T>(s1d * sum_b);
+    dbias_n[c] = static_cast<T>(s1d * sum_a);
+    sum_dn += wd * s1d * sum_a;
+    sum_dn_n += wd * s1d * sum_b;
   }
   // dx = k1_c·dz + k2·x + k3 with n̂ = r·(x − μ).
   const double r = rstd, mu = mean;
@@ -304,35 +316,42 @@ FASTFLOW_INLINE void gn_dual_bwd_group(const GroupArgs<T>& g, const T* x, const 
     const double w = d.w, beta = d.beta, s1 = d.s1, sd = d.sd, gam = d.gam;
     const T a = d.a, b = d.b, p = d.p, q = d.q, t = d.t;
     const int64_t off = c * g.hw;
-    V acc_a = VT::splat(T(0)), acc_b = VT::splat(T(0)), acc_c = VT::splat(T(0));
-    V acc_d = VT::splat(T(0)), acc_e = VT::splat(T(0));
-    vec_loop<T>(g.hw, [&](int64_t i, int64_t n) FASTFLOW_LAMBDA {
-      const V xv = VT::load(x + off + i, n);
-      const V xdv = VT::load(xd + off + i, n);
-      V gz = VT::load(gy + off + i, n);
-      V gzd = VT::load(gyd + off + i, n);
-      if constexpr (silu) {
-        const V z = xv * a + b;
-        const V zd = xdv * p + (xv * q + t);
-        const V sig = simd::sigmoid<T>(z);
-        const V one_m = T(1) - sig;
-        const V d1 = sig * (T(1) + z * one_m);
-        const V d2 = sig * one_m * (T(2) + z * (one_m - sig));
-        gz = gz * d1 + gzd * zd * d2;
-        gzd = gzd * d1;
-        VT::store(dx + off + i, gz, n);
-        VT::store(dxd + off + i, gzd, n);
-      }
-      const V nh = xv * n_a + n_b;
-      const V nd = xdv * n_a + (xv * nd_x + nd_c);
-      acc_a += gz;
-      acc_b += gz * nh;
-      acc_c += gzd;
-      acc_d += gzd * nh;
-      acc_e += gzd * nd;
+    double sa = 0.0, sb = 0.0, sc = 0.0, sdd = 0.0, se = 0.0;
+    for_chunks(g.hw, [&](int64_t c0, int64_t len) FASTFLOW_LAMBDA {
+      const int64_t o = off + c0;
+      V acc_a = VT::splat(T(0)), acc_b = VT::splat(T(0)), acc_c = VT::splat(T(0));
+      V acc_d = VT::splat(T(0)), acc_e = VT::splat(T(0));
+      vec_loop<T>(len, [&](int64_t i, int64_t n) FASTFLOW_LAMBDA {
+        const V xv = VT::load(x + o + i, n);
+        const V xdv = VT::load(xd + o + i, n);
+        V gz = VT::load(gy + o + i, n);
+        V gzd = VT::load(gyd + o + i, n);
+        if constexpr (silu) {
+          const V z = xv * a + b;
+          const V zd = xdv * p + (xv * q + t);
+          const V sig = simd::sigmoid<T>(z);
+          const V one_m = T(1) - sig;
+          const V d1 = sig * (T(1) + z * one_m);
+          const V d2 = sig * one_m * (T(2) + z * (one_m - sig));
+          gz = gz * d1 + gzd * zd * d2;
+          gzd = gzd * d1;
+          VT::store(dx + o + i, gz, n);
+          VT::store(dxd + o + i, gzd, n);
+        }
+        const V nh = xv * n_a + n_b;
+        const V nd = xdv * n_a + (xv * nd_x + nd_c);
+        acc_a += gz;
+        acc_b += gz * nh;
+        acc_c += gzd;
+        acc_d += gzd * nh;
+        acc_e += gzd * nd;
+      });
+      sa += VT::sum(acc_a);
+      sb += VT::sum(acc_b);
+      sc += VT::sum(acc_c);
+      sdd += VT::sum(acc_d);
+      se += VT::sum(acc_e);
     });
-    const double sa = VT::sum(acc_a), sb = VT::sum(acc_b), sc = VT::sum(acc_c);
-    const double sdd = VT::sum(acc_d), se = VT::sum(acc_e);
     dshift[c] = static_cast<T>(sa);
     dshift_dot[c] = static_cast<T>(sc);
     dscale[c] = static_cast<T>(w * sb + beta * sa + w * se);
