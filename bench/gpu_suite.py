@@ -193,7 +193,85 @@ class Ctx:
         return self.load("ceilings").get("copy_bytes_per_s")
 
 
-PAUSE_SETTLE_S = 0.05
+PAUSE_SETTLE_S = 0.05       # the CPU: the stopped process has nothing queued
+PAUSE_MAX_WAIT_S = 3.0      # CUDA: the longest wait for kernels the stopped process had queued
+PROBE_BYTES = 16 << 20      # the idle probe: one 16 MiB device-to-device copy
+
+
+def wait_until_idle(probe: Callable[[], float], expected_s: Optional[float], *, max_wait_s: float,
+                    clock: Callable[[], float] = time.perf_counter,
+                    sleep: Callable[[float], None] = time.sleep) -> Dict[str, Any]:
+    """Probe until the GPU runs our work at idle speed; the stopped process's queued kernels keep
+    running after SIGSTOP (a compile step queues up to a whole train step, hundreds of ms), and
+    CUDA time-slices contexts, so a probe that shares the GPU waits out the other's time slices
+    (~ms) instead of taking its ~10 µs.
+
+    ``probe()`` returns the seconds one PROBE_BYTES copy took (CUDA events). Idle: three probes in
+    a row within 1.5x ``expected_s`` + 20 µs, ``expected_s`` being the copy at the measured copy
+    bandwidth or, before that is known, at 500 GB/s (slower than any HBM GPU, far faster than a
+    time-sliced probe). Gives up after ``max_wait_s``. Returns {'waited_s', 'probes', 'idle'}."""
+    if expected_s is None:
+        expected_s = 2 * PROBE_BYTES / 500e9
+    limit = 1.5 * expected_s + 20e-6
+    start = clock()
+    probes = 0
+    fast_in_a_row = 0
+    while True:
+        probes += 1
+        fast_in_a_row = fast_in_a_row + 1 if probe() <= limit else 0
+        waited = clock() - start
+        if fast_in_a_row >= 3 or waited >= max_wait_s:
+            return {"waited_s": waited, "probes": probes, "idle": fast_in_a_row >= 3}
+        sleep(0.002)
+
+
+_PROBE_BUFFERS: Dict[str, Any] = {}
+
+
+def _copy_probe(device: Any) -> Callable[[], float]:
+    import torch
+
+    key = str(device)
+    if key not in _PROBE_BUFFERS:
+        src = torch.empty(PROBE_BYTES // 4, dtype=torch.float32, device=device)
+        _PROBE_BUFFERS[key] = (src, torch.empty_like(src))
+    src, dst = _PROBE_BUFFERS[key]
+
+    def probe() -> float:
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        return begin.elapsed_time(end) / 1e3
+
+    return probe
+
+
+def _drain_gpu(ctx: "Ctx") -> None:
+    """After the SIGSTOP: wait for the background's queued GPU work (see wait_until_idle) and
+    keep a tally in the section's results (``background_drain``)."""
+    if ctx.device.type != "cuda":
+        time.sleep(PAUSE_SETTLE_S)
+        return
+    bandwidth = ctx.copy_bandwidth() or ctx.results.get("copy_bytes_per_s")
+    expected = 2 * PROBE_BYTES / bandwidth if bandwidth else None  # read + write
+    tally = ctx.results.setdefault("background_drain", {"pauses": 0, "not_idle": 0, "max_wait_s": 0.0})
+    # A section whose GPU never looked idle (a threshold that does not fit this GPU?) stops
+    # paying the full wait at every pause.
+    max_wait = PAUSE_MAX_WAIT_S if tally["not_idle"] == 0 else 0.3
+    try:
+        got = wait_until_idle(_copy_probe(ctx.device), expected, max_wait_s=max_wait)
+    except RuntimeError as exc:  # e.g. out of memory for the probe: fall back to a fixed wait
+        print(f"  [pause] idle probe failed ({type(exc).__name__}); fixed {PAUSE_SETTLE_S}s wait", flush=True)
+        time.sleep(PAUSE_SETTLE_S)
+        return
+    tally["pauses"] += 1
+    tally["not_idle"] += 0 if got["idle"] else 1
+    tally["max_wait_s"] = round(max(tally["max_wait_s"], got["waited_s"]), 4)
+    if not got["idle"]:
+        print(f"  [pause] GPU not idle after {got['waited_s']:.1f}s ({got['probes']} probes): timing anyway",
+              flush=True)
 
 
 @contextlib.contextmanager
@@ -209,11 +287,11 @@ def paused_background(ctx: Ctx):
         try:
             os.killpg(pgid, signal.SIGSTOP)
             stopped = True
-            # Kernels it queued before the stop still run: let them drain before timing.
-            time.sleep(PAUSE_SETTLE_S)
         except (ProcessLookupError, PermissionError):
             stopped = False
     try:
+        if stopped:
+            _drain_gpu(ctx)  # kernels it queued before the stop still run
         yield stopped
     finally:
         if stopped:

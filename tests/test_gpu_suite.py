@@ -90,3 +90,50 @@ def test_section_budgets_fit_the_deadline():
     for name, profile in gpu_suite.PROFILES.items():
         planned = sum(v for k, v in profile.budgets.items() if k != gpu_suite.SECTIONS[-1])
         assert planned <= profile.total_s - gpu_suite.RESERVE_S, (name, planned, profile.total_s)
+
+
+def _suite_module():
+    import sys
+
+    sys.path.insert(0, str(REPO / "bench"))
+    import gpu_suite
+
+    return gpu_suite
+
+
+class _FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+    def sleep(self, seconds):
+        self.now += seconds
+
+
+@pytest.mark.parametrize("expected", [10e-6, None], ids=["bandwidth-known", "bandwidth-unknown"])
+def test_pause_waits_until_the_queued_gpu_work_drains(expected):
+    """After SIGSTOP the stopped process's queued kernels keep the GPU busy (our probe copies run
+    time-sliced, ~1 ms instead of ~10 µs): the timing starts only once probes run at idle speed."""
+    suite, clock = _suite_module(), _FakeClock()
+    busy_until = 0.25  # a queued compile step of 250 ms
+
+    def probe():
+        took = 1.2e-3 if clock.now < busy_until else 11e-6
+        clock.now += took
+        return took
+
+    got = suite.wait_until_idle(probe, expected, max_wait_s=3.0, clock=clock, sleep=clock.sleep)
+    assert got["idle"] and busy_until <= got["waited_s"] < busy_until + 0.05, got
+
+
+def test_pause_gives_up_on_a_gpu_that_stays_busy():
+    suite, clock = _suite_module(), _FakeClock()
+
+    def probe():
+        clock.now += 1e-3
+        return 1e-3
+
+    got = suite.wait_until_idle(probe, 10e-6, max_wait_s=0.5, clock=clock, sleep=clock.sleep)
+    assert not got["idle"] and 0.5 <= got["waited_s"] < 0.51, got
