@@ -8,7 +8,7 @@
   ONE forward of the doubled batch — an ordinary forward, so it compiles, shards and uses every
   fused kernel. v itself is the mean of the two (error O(h²)). See docs/derivative.md for the
   error table that sets the default h. Like jvp it runs in float32 outside autocast by default
-  (``precision='float32'``): in bf16 its error is ≥ 15% for every h.
+  (``precision='float32'``): in bf16 its error is ≥ 13% for every h (docs/derivative.md).
 - ``dual``: explicit forward mode — every block propagates (primal, tangent) through the same
   code as the plain forward (fastflow.models.dual); plain autograd, so it compiles (fullgraph)
   and works under FSDP2, and fused kernels compute primal and tangent in one pass. It follows
@@ -98,7 +98,7 @@ def finite_difference_derivative(
 
     Error ≈ (ω·h)²/6 + ε·t/h + δ_v·‖v‖/(‖∂_t v‖·h), ω = num_timesteps (docs/derivative.md). With
     ``precision='float32'`` the forward runs outside autocast: under bf16 (δ_v ≈ 1e-2) no h gets
-    ∂_t v closer than ~15%, in float32 h ≈ 5e-5 gives ~1e-3.
+    ∂_t v closer than ~13%, in float32 h ≈ 5e-5 gives ~1e-3.
     """
     ctx = _autocast_off(x.device.type) if precision == "float32" else contextlib.nullcontext()
     with ctx:
@@ -115,6 +115,16 @@ def dual_derivative(model: Callable, x: Tensor, s: Tensor, t: Tensor) -> Tuple[T
     return _at_least_float32(v), _at_least_float32(dv)
 
 
+def _batch_times(time: Tensor, x: Tensor, name: str) -> Tensor:
+    """A 0-d time expanded to (B,) (every backend needs one tangent entry per sample)."""
+    if time.dim() == 0:
+        return time.expand(x.shape[0]).clone()  # materialised: make_dual refuses overlapping memory
+    if time.shape != (x.shape[0],):
+        raise ValueError(f"time {name} has shape {tuple(time.shape)}; expected ({x.shape[0]},) for x of shape "
+                         f"{tuple(x.shape)}, or a scalar")
+    return time
+
+
 def velocity_and_time_derivative(
     model: Callable,
     x: Tensor,
@@ -126,7 +136,9 @@ def velocity_and_time_derivative(
     precision: str = "float32",
     derivative_grad: bool = True,
 ) -> Tuple[Tensor, Tensor]:
-    """v_θ(s, t, x) and ∂_t v_θ(s, t, x) for a batch; x (B, C, H, W), s and t (B,)."""
+    """v_θ(s, t, x) and ∂_t v_θ(s, t, x) for a batch; x (B, C, H, W), s and t (B,) or scalars
+    (one time for the whole batch)."""
+    s, t = _batch_times(s, x, "s"), _batch_times(t, x, "t")
     if backend == "jvp":
         v, dv = jvp_derivative(model, x, s, t, precision)
     elif backend == "finite_difference":
