@@ -208,6 +208,7 @@ _RANGES: Sequence[Tuple[str, Callable[[Any], bool], str]] = (
      "a number > 0 (.inf for no clipping; 0 would zero every update, a negative one reverse it)"),
     ("training.num_samples", lambda x: x >= 1, "at least 1"),
     ("model.dropout", lambda x: 0 <= x < 1, "a probability in [0, 1)"),
+    ("model.channel_mult", lambda x: x >= 1, "channel multipliers >= 1 (one per resolution level)"),
     ("data.num_workers", lambda x: x >= 0, "0 (load in the training process) or more worker processes"),
     ("ddpm.num_timesteps", lambda x: x >= 1, "at least 1"),
     ("ddpm.beta_start", lambda x: 0 < x < 1, "a number in (0, 1)"),
@@ -217,6 +218,8 @@ _RANGES: Sequence[Tuple[str, Callable[[Any], bool], str]] = (
     ("flow_map_matching.num_timesteps", lambda x: x >= 1, "at least 1"),
     ("flow_map_matching.sigma_min", lambda x: 0 <= x < 0.5, "a number in [0, 0.5)"),
     ("flow_map_matching.warmup_steps", lambda x: x >= 0, "an iteration count >= 0"),
+    ("flow_map_matching.fd_step", lambda x: _finite(x) and 0 < x < 0.5,
+     "a finite step in (0, 0.5) (the central difference evaluates t ± fd_step in [0, 1])"),
     ("flow_map_matching.reconstruction_weight", lambda x: _finite(x) and x >= 0, "a finite number >= 0"),
     ("sampling.eta", lambda x: _finite(x) and x >= 0, "a finite number >= 0 (0: deterministic DDIM)"),
     ("logging.profile_wait", lambda x: x >= 0, "a step count >= 0"),
@@ -340,8 +343,12 @@ def _validate(cfg: Config, source: str) -> None:
     fmm = cfg.flow_map_matching
     if not 0.0 < fmm.initial_gap <= 1.0:
         raise ConfigError(f"{source}: flow_map_matching.initial_gap must be in (0, 1], got {fmm.initial_gap!r}")
-    if fmm.fd_step <= 0:
-        raise ConfigError(f"{source}: flow_map_matching.fd_step must be positive, got {fmm.fd_step!r}")
+    if cfg.method in ("ddpm", "ddpm_x0") and cfg.sampling.num_steps > cfg.ddpm.num_timesteps:
+        # the training-time grids sample with DDIM at sampling.num_steps (capped at 100)
+        raise ConfigError(
+            f"{source}: sampling.num_steps={cfg.sampling.num_steps} exceeds ddpm.num_timesteps="
+            f"{cfg.ddpm.num_timesteps}: DDIM takes at most one step per training timestep"
+        )
 
 
 def _get(cfg: Any, dotted: str) -> Any:

@@ -158,7 +158,9 @@ def test_override_wrong_type_names_key_and_value() -> None:
     "training.learning_rate=-1e-4", "training.ema_decay=1.5", "training.ema_decay=1", "training.betas=[0.9, 1.5]",
     "model.dropout=2", "training.num_samples=0", "data.num_workers=-1", "sampling.eta=-3",
     "ddpm.beta_end=1.2", "flow_map_matching.sigma_min=0.5", "flow_map_matching.reconstruction_weight=.inf",
-    "logging.profile_active=0",
+    "logging.profile_active=0", "model.channel_mult=[1, 0, 2]", "model.channel_mult=[-1]",
+    "flow_map_matching.fd_step=.nan", "flow_map_matching.fd_step=.inf", "flow_map_matching.fd_step=0",
+    "flow_map_matching.fd_step=-1e-4", "flow_map_matching.fd_step=0.5",
 ])
 def test_out_of_range_values_name_key_and_value(bad: str) -> None:
     key, value = bad.split("=")
@@ -172,6 +174,17 @@ def test_range_edges_that_mean_something_are_accepted() -> None:
     assert math.isinf(cfg.training.gradient_clip_norm)
     with pytest.raises(ConfigError, match="beta_start=0.1 must not exceed ddpm.beta_end=0.02"):
         load_config(None, ["ddpm.beta_start=0.1"])
+
+
+@pytest.mark.parametrize("method", ["ddpm", "ddpm_x0"])
+def test_ddpm_sampling_steps_cannot_exceed_its_timesteps(method: str) -> None:
+    """The training-time grids sample DDPM with DDIM at sampling.num_steps: more steps than
+    timesteps would fail at the first grid, after the run had trained for sample_every steps."""
+    with pytest.raises(ConfigError, match=r"sampling.num_steps=20 exceeds ddpm.num_timesteps=10"):
+        load_config(None, [f"method={method}", "ddpm.num_timesteps=10", "sampling.num_steps=20"])
+    assert load_config(None, [f"method={method}", "ddpm.num_timesteps=20", "sampling.num_steps=20"])
+    # other methods do not read ddpm.*
+    assert load_config(None, ["method=flow_matching", "ddpm.num_timesteps=10", "sampling.num_steps=20"])
 
 
 @pytest.mark.parametrize("given", ["data.root=/data/celeba64", "data.from_hub=true"])
