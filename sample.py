@@ -52,9 +52,7 @@ def parse_args(argv=None):
 
 
 def load_method(checkpoint: str, cli_method: str, use_ema: bool, device: torch.device):
-    ckpt = load_checkpoint(checkpoint, map_location="cpu")
-    if "config" not in ckpt:
-        raise CheckpointError(f"{ckpt['_path']}: no 'config' entry — not a fastflow checkpoint or export")
+    ckpt = load_checkpoint(checkpoint, map_location="cpu", require=("config", "model"))
     config = config_from_dict(ckpt["config"], source=f"{ckpt['_path']}:config")
     wanted = CLI_NAMES[cli_method]
     if config.method != wanted:

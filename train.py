@@ -42,6 +42,9 @@ def main(argv=None) -> int:
     except CheckpointError as exc:
         print(f"checkpoint error: {exc}", file=sys.stderr)
         return 2
+    except ConfigError as exc:  # found once the job started (e.g. torchrun restarts without a run name)
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
     if summary["interrupted"]:
         # stopped by a signal after checkpointing: 128 + signal, as a shell reports it (130 for
         # Ctrl-C, 143 for SIGTERM), so that a scheduler does not take the job for finished

@@ -247,6 +247,111 @@ def test_resume_with_a_different_model_names_file_and_keys(tiny_config):
         Trainer(tiny_config("flow_matching", "training.batch_size=8", "logging.run_name=other2"), resume=ckpt, quiet=True)
 
 
+def test_a_failed_resume_moves_no_checkpoint_aside(tiny_config):
+    """A resume from an earlier step that fails, before loading (another model) or while loading
+    (another batch size: the data position does not fit), leaves the run's later checkpoints where
+    they were, so --resume auto still finds the newest."""
+    first = Trainer(tiny_config("flow_matching", "training.num_iterations=6", "training.save_every=2",
+                                "checkpoint.keep_last=3"), quiet=True).train()
+    ckdir = Path(first["checkpoint"]).parent
+    before = sorted(p.name for p in ckdir.iterdir())
+    assert before == ["checkpoint_00000002.pt", "checkpoint_00000004.pt", "checkpoint_00000006.pt"]
+    with pytest.raises(ckpt_io.CheckpointError, match=r"model.num_res_blocks \(checkpoint 1, now 2\)"):
+        Trainer(tiny_config("flow_matching", "model.num_res_blocks=2"), resume=str(ckdir / "checkpoint_00000002.pt"),
+                quiet=True)
+    assert sorted(p.name for p in ckdir.iterdir()) == before
+    with pytest.raises(ckpt_io.CheckpointError, match=r"training.batch_size \(checkpoint 16, now 8\)"):
+        Trainer(tiny_config("flow_matching", "training.batch_size=8"), resume=str(ckdir / "checkpoint_00000002.pt"),
+                quiet=True)
+    assert sorted(p.name for p in ckdir.iterdir()) == before
+    assert Trainer(tiny_config("flow_matching", "training.num_iterations=7"), resume="auto", quiet=True).step == 6
+
+
+def test_a_run_folder_with_checkpoints_is_never_started_over(tiny_config, monkeypatch):
+    """A fresh start, or a resume from another run's checkpoint, into a run that already holds
+    checkpoints is refused (naming the run, its newest checkpoint and the way out) and writes nothing."""
+    first = Trainer(tiny_config("flow_matching", "training.num_iterations=2"), quiet=True).train()
+    ckpt = Path(first["checkpoint"])
+    data = ckpt.read_bytes()
+    with pytest.raises(ckpt_io.CheckpointError) as info:
+        Trainer(tiny_config("flow_matching", "training.num_iterations=2"), quiet=True)
+    message = str(info.value)
+    assert "'test'" in message and ckpt.name in message and "--resume auto" in message and "logging.run_name" in message
+    other = Trainer(tiny_config("flow_matching", "training.num_iterations=1", "logging.run_name=other"),
+                    quiet=True).train()["checkpoint"]
+    with pytest.raises(ckpt_io.CheckpointError, match="another run's checkpoint"):
+        Trainer(tiny_config("flow_matching", "training.num_iterations=3"), resume=other, quiet=True)
+    assert ckpt.read_bytes() == data and sorted(p.name for p in ckpt.parent.iterdir()) == [ckpt.name]
+    # continuing it is fine
+    assert Trainer(tiny_config("flow_matching", "training.num_iterations=3"), resume="auto", quiet=True).step == 2
+
+    # torchrun --max-restarts names a run by its run id; the default id 'none' would share a folder
+    from fastflow.config import ConfigError
+
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    with pytest.raises(ConfigError, match="set logging.run_name"):
+        Trainer(tiny_config("flow_matching", "logging.run_name=null"), quiet=True)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job42")
+    assert Trainer(tiny_config("flow_matching", "logging.run_name=null"), quiet=True).run_name == "flow_matching-job42"
+
+
+def test_resume_refuses_another_objective_and_takes_the_configs_optimizer_settings(tiny_config, capsys):
+    """Keys that set the method's buffers must match (a changed DDPM schedule would otherwise be
+    overwritten by the checkpoint's, silently); the learning rate, betas and weight decay come
+    from the config, not from the checkpoint's optimizer state; fused kernels may be switched."""
+    ckpt = Trainer(tiny_config("ddpm", "training.num_iterations=2", "training.learning_rate=1e-3"),
+                   quiet=True).train()["checkpoint"]
+    with pytest.raises(ckpt_io.CheckpointError, match=r"ddpm.beta_end \(checkpoint 0.02, now 0.03\)"):
+        Trainer(tiny_config("ddpm", "ddpm.beta_end=0.03"), resume=ckpt, quiet=True)
+    resumed = Trainer(tiny_config("ddpm", "training.num_iterations=3", "training.learning_rate=5e-4",
+                                  "training.betas=[0.8, 0.99]", "training.weight_decay=0.0",
+                                  "model.fused_kernels=true"), resume=ckpt)
+    assert resumed.step == 2
+    for group in resumed.optimizer.param_groups:
+        assert group["lr"] == 5e-4 and tuple(group["betas"]) == (0.8, 0.99) and group["weight_decay"] == 0.0
+    assert len(resumed.optimizer.state) > 0  # the moments did load
+    out = capsys.readouterr().out
+    assert "lr 0.001 -> 0.0005" in out and "training.learning_rate 0.001 -> 0.0005" in out
+    resumed.train()
+    assert ckpt_io.load_checkpoint(Path(ckpt).parent)["optimizer"]["param_groups"][0]["lr"] == 5e-4
+
+
+def test_a_plain_state_dict_is_refused_by_name(tiny_config, tmp_path):
+    """--resume (or sample.py --checkpoint) on a torch file that is not a fastflow checkpoint
+    names the file and what it lacks, instead of a bare KeyError."""
+    trainer = Trainer(tiny_config("flow_matching"), quiet=True)
+    plain = tmp_path / "weights.pt"
+    torch.save(trainer.method.model.state_dict(), plain)
+    with pytest.raises(ckpt_io.CheckpointError) as info:
+        Trainer(tiny_config("flow_matching", "logging.run_name=other"), resume=str(plain), quiet=True)
+    assert str(plain) in str(info.value) and "iteration" in str(info.value) and "optimizer" in str(info.value)
+    res = subprocess.run([sys.executable, str(REPO / "sample.py"), "--checkpoint", str(plain), "--method", "FlowMatching",
+                          "--output", str(tmp_path / "s.png")], capture_output=True, text=True, env=ENV, cwd=REPO)
+    assert res.returncode != 0 and "lacks config, model" in res.stderr and str(plain) in res.stderr
+
+
+def test_prune_keeps_the_checkpoint_just_written(tmp_path):
+    for step in (1, 5, 9):
+        ckpt_io.atomic_torch_save({"iteration": step}, tmp_path / f"checkpoint_{step:08d}.pt")
+    ckpt_io.prune_checkpoints(tmp_path, keep_last=1, keep=tmp_path / "checkpoint_00000005.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_00000005.pt", "checkpoint_00000009.pt"]
+
+
+def test_a_checkpoint_is_written_before_the_sample_grid_of_the_same_step(tiny_config, monkeypatch):
+    """A sampler that fails at a step that is also a save step loses no training."""
+    trainer = Trainer(tiny_config("flow_matching", "training.num_iterations=4", "training.save_every=2",
+                                  "training.sample_every=2"), quiet=True)
+
+    def boom(tag):
+        raise RuntimeError(f"sampler failed at {tag}")
+
+    monkeypatch.setattr(trainer, "sample_grid", boom)
+    with pytest.raises(RuntimeError, match="sampler failed at 00000002"):
+        trainer.train()
+    assert ckpt_io.latest_checkpoint(trainer.ckpt_dir).name == "checkpoint_00000002.pt"
+
+
 def test_throughput_window_excludes_sampling_and_checkpoints(tiny_config, monkeypatch):
     """img/s and s/1k img time only the training steps: on a fake clock where a step takes 1 s and
     sampling or saving 1000 s, every logged window reads 1 s per step."""

@@ -28,7 +28,7 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -96,11 +96,14 @@ def latest_checkpoint(directory: Union[str, Path]) -> Optional[Path]:
     return max(candidates, key=lambda p: (checkpoint_step(p), p.is_dir()))
 
 
-def prune_checkpoints(directory: Union[str, Path], keep_last: int) -> None:
-    """Keep the newest ``keep_last`` checkpoint files; clear temp files of crashed saves (only
-    rank 0 writes single-file checkpoints, and it calls this after its own save completed)."""
+def prune_checkpoints(directory: Union[str, Path], keep_last: int, keep: Optional[Union[str, Path]] = None) -> None:
+    """Keep the newest ``keep_last`` checkpoint files, and ``keep`` (the one just written) even
+    if newer ones are there; clear temp files of crashed saves (only rank 0 writes single-file
+    checkpoints, and it calls this after its own save completed)."""
+    keep_name = Path(keep).name if keep is not None else None
     for old in list_checkpoints(directory)[:-keep_last]:
-        old.unlink(missing_ok=True)
+        if old.name != keep_name:
+            old.unlink(missing_ok=True)
     for leftover in Path(directory).glob(".checkpoint_*.pt.*.tmp"):
         leftover.unlink(missing_ok=True)
 
@@ -170,8 +173,24 @@ def resolve_checkpoint(path: Union[str, Path]) -> Path:
     return path
 
 
-def load_checkpoint(path: Union[str, Path], map_location: Any = "cpu") -> Dict[str, Any]:
-    """A single-file checkpoint as a dict; for a sharded checkpoint, its full-weight ``export.pt``."""
+# What a single-file checkpoint needs for a run to resume from it (sample.py needs less).
+RESUME_KEYS = ("iteration", "model", "optimizer", "ema", "rng", "data")
+# What a sharded checkpoint's meta.pt holds besides the DCP tensors.
+SHARDED_META_KEYS = ("iteration", "data", "ema")
+
+
+def _check_keys(ckpt: Dict[str, Any], require: Sequence[str], where: Any) -> None:
+    missing = [k for k in require if k not in ckpt]
+    if missing:
+        found = ", ".join(sorted(map(str, ckpt))[:8]) or "nothing"
+        raise CheckpointError(
+            f"{where} is not a fastflow checkpoint: it lacks {', '.join(missing)} (it holds {found}"
+            f"{', ...' if len(ckpt) > 8 else ''}); a plain state_dict is no training checkpoint")
+
+
+def load_checkpoint(path: Union[str, Path], map_location: Any = "cpu", require: Sequence[str] = ()) -> Dict[str, Any]:
+    """A single-file checkpoint as a dict; for a sharded checkpoint, its full-weight ``export.pt``.
+    ``require``: keys it must hold (else a CheckpointError naming the file and the missing keys)."""
     path = resolve_checkpoint(path)
     if path.is_dir():
         path = path / EXPORT_NAME
@@ -183,6 +202,7 @@ def load_checkpoint(path: Union[str, Path], map_location: Any = "cpu") -> Dict[s
         raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path} is not a fastflow checkpoint (got {type(ckpt).__name__})")
+    _check_keys(ckpt, require, path)
     ckpt.setdefault("_path", str(path))
     return ckpt
 
@@ -346,6 +366,9 @@ def load_sharded_meta(path: Union[str, Path], rank: int) -> Dict[str, Any]:
         meta = torch.load(path / META_NAME, map_location="cpu", weights_only=False)
     except Exception as exc:
         raise CheckpointError(f"cannot read {path / META_NAME}: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path / META_NAME} is not a fastflow checkpoint's meta (got {type(meta).__name__})")
+    _check_keys(meta, SHARDED_META_KEYS, path / META_NAME)
     rank_file = path / f"rank_{rank}.pt"
     meta["rank_state"] = torch.load(rank_file, map_location="cpu", weights_only=False) if rank_file.is_file() else None
     meta["_path"] = str(path)

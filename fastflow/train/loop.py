@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from fastflow.config import Config, config_to_dict
+from fastflow.config import Config, ConfigError, config_to_dict
 from fastflow.methods import create_method_from_config
 from fastflow.ops import reference_only
 from fastflow.train import checkpoint as ckpt_io
@@ -71,6 +71,39 @@ def autocast_context(config: Config, device: torch.device):
 _RESUME_SENSITIVE = ("method", "model.", "data.image_size", "data.channels", "data.dataset", "data.root",
                      "training.batch_size", "ddpm.", "flow_matching.", "flow_map_matching.num_timesteps",
                      "infrastructure.parallelism")
+
+
+# Keys that define the network and the objective's buffers: a checkpoint trained with other
+# values is refused before anything loads (its weights or schedule would not be this config's).
+_RESUME_MUST_MATCH = ("method", "model.", "data.image_size", "data.channels", "ddpm.",
+                      "flow_matching.num_timesteps", "flow_map_matching.num_timesteps")
+# ... except these, which change no parameter or buffer (kernels compute the same math; dropout
+# is a training choice a resumed run may change).
+_RESUME_FREE = ("model.fused_kernels", "model.dropout")
+# Keys whose change on resume is routine and not worth a note.
+_RESUME_QUIET = ("logging.", "checkpoint.", "training.num_iterations", "training.log_every",
+                 "training.sample_every", "training.save_every", "training.num_samples", "sampling.",
+                 "data.num_workers", "data.pin_memory", "infrastructure.num_gpus", "infrastructure.device")
+
+
+def _check_resume_config(state: Dict[str, Any], config: Config, path: Any, log) -> None:
+    """Raise CheckpointError naming every must-match key that differs from the checkpoint's
+    config; note (``log``) the other keys that differ."""
+    saved = state.get("config")
+    if not isinstance(saved, dict):
+        return  # a checkpoint without its config (hand-made): the load's own errors speak
+    then, now = _flatten(saved), _flatten(config_to_dict(config))
+    differ = [k for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k)]
+    fixed = [k for k in differ if k.startswith(_RESUME_MUST_MATCH) and not k.startswith(_RESUME_FREE)]
+    if fixed:
+        raise ckpt_io.CheckpointError(
+            f"cannot resume from {path}: config keys that must match the checkpoint's differ: "
+            + ", ".join(f"{k} (checkpoint {then.get(k)!r}, now {now.get(k)!r})" for k in fixed)
+            + "; set them back, or start a new run (another logging.run_name)")
+    noted = [k for k in differ if k not in fixed and not k.startswith(_RESUME_QUIET)]
+    if noted:
+        log(f"resuming from {path} with changed config: "
+            + ", ".join(f"{k} {then.get(k)!r} -> {now.get(k)!r}" for k in noted))
 
 
 def _flatten(tree: Any, prefix: str = "") -> Dict[str, Any]:
@@ -132,18 +165,15 @@ class Trainer:
             if ckpt_io.is_sharded_checkpoint(self.resume_path):
                 self._resume_state = ckpt_io.load_sharded_meta(self.resume_path, self.ctx.rank)
             else:
-                self._resume_state = ckpt_io.load_checkpoint(self.resume_path, map_location="cpu")
+                self._resume_state = ckpt_io.load_checkpoint(self.resume_path, map_location="cpu",
+                                                             require=ckpt_io.RESUME_KEYS)
         self.run_name = run_name
         self.run_dir = Path(config.logging.dir) / self.run_name
         self.ckpt_dir = Path(config.checkpoint.dir) / self.run_name
-        if self._resume_state is not None and self.ctx.is_main:
-            # Resuming from an earlier step than this run's newest checkpoint branches the run:
-            # the later checkpoints are moved aside (kept, not pruned over, not auto-resumed).
-            moved = ckpt_io.set_aside_later_checkpoints(self.ckpt_dir, int(self._resume_state["iteration"]))
-            if moved is not None:
-                print(f"fastflow: resuming at step {self._resume_state['iteration']} from {self.resume_path}: "
-                      f"this run's later checkpoints were moved to {moved}", file=sys.stderr, flush=True)
-        barrier()
+        if self._resume_state is not None:
+            # Before anything is built or loaded: a checkpoint of another model or objective is
+            # refused with the keys that differ, not half-loaded.
+            _check_resume_config(self._resume_state, config, self.resume_path, log=self._log)
         self._saved: Optional[Tuple[int, Optional[Path]]] = None  # (step, path) of the last save
 
         self.loss_fn, self.wrapped = build_train_module(self.method, config, self.ctx)
@@ -183,15 +213,34 @@ class Trainer:
                 raise ckpt_io.CheckpointError(
                     f"cannot resume from {self.resume_path}: {type(exc).__name__}: {exc}"
                     f"{_config_differences(self._resume_state.get('config'), config)}") from exc
+            if self.ctx.is_main:
+                # Resuming from an earlier step than this run's newest checkpoint branches the run:
+                # the later checkpoints are moved aside (kept, not pruned over, not auto-resumed).
+                # Only once the state has loaded: a resume that fails moves nothing.
+                moved = ckpt_io.set_aside_later_checkpoints(self.ckpt_dir, self.step)
+                if moved is not None:
+                    print(f"fastflow: resuming at step {self.step} from {self.resume_path}: "
+                          f"this run's later checkpoints were moved to {moved}", file=sys.stderr, flush=True)
+            barrier()
         self.writer = None
 
     def _find_resume(self, resume: Optional[str]) -> Tuple[Optional[Path], str]:
         """(checkpoint to resume from or None, run name). ``auto`` is implied after a torchrun
-        restart; without logging.run_name, a job run with --max-restarts is named by its run id."""
+        restart; without logging.run_name, a job run with --max-restarts is named by its run id.
+
+        A run folder that already holds checkpoints is continued, never overwritten: a fresh
+        start (or a resume from another run's checkpoint) into it is refused."""
         config = self.config
         run_name = config.logging.run_name
-        if run_name is None and elastic_run_id():
-            run_name = f"{config.method}-{elastic_run_id()}"
+        run_id = elastic_run_id()
+        if run_name is None and run_id is not None:
+            if run_id in ("", "none"):
+                # torchrun's default --rdzv-id is "none": every such job would share one run folder.
+                raise ConfigError(
+                    "torchrun --max-restarts without a run id (--rdzv-id is 'none'): set logging.run_name "
+                    "(or pass torchrun --standalone or --rdzv-id=<job id>) so that restarted workers find "
+                    "this run's checkpoints")
+            run_name = f"{config.method}-{run_id}"
         resume = resume or config.checkpoint.resume
         if restart_count() > 0:
             # A torchrun restart continues this run from its own newest checkpoint, not from the
@@ -211,6 +260,15 @@ class Trainer:
                 run_name = ckpt_io.load_sharded_meta(path, 0).get("run_name")
             else:
                 run_name = ckpt_io.load_checkpoint(path, map_location="cpu").get("run_name")
+        if run_name is not None:
+            own_dir = Path(config.checkpoint.dir) / run_name
+            newest = ckpt_io.latest_checkpoint(own_dir)
+            if newest is not None and (path is None or path.resolve().parent != own_dir.resolve()):
+                start = "a fresh start" if path is None else f"resuming from {path} (another run's checkpoint)"
+                raise ckpt_io.CheckpointError(
+                    f"run {run_name!r} already holds checkpoints in {own_dir} (newest: {newest.name}); "
+                    f"{start} would write over them: pass --resume auto to continue that run, or set "
+                    f"logging.run_name to a new name")
         return path, run_name or f"{config.method}-{time.strftime('%Y%m%d-%H%M%S')}"
 
     # ---------------------------------------------------------------------------- state
@@ -298,6 +356,24 @@ class Trainer:
         self.step = int(state["iteration"])
         self.images_seen = int(state.get("images_seen", 0))
         self._saved = (self.step, Path(state["_path"]))  # that step is on disk already
+        self._apply_optimizer_config()
+
+    def _apply_optimizer_config(self) -> None:
+        """The optimizer state loads the checkpoint's lr / betas / weight decay with its moments;
+        the config's values win (a resumed run with a new learning rate uses it), and a change is
+        logged."""
+        t = self.config.training
+        wanted = {"lr": t.learning_rate, "betas": tuple(t.betas), "weight_decay": t.weight_decay}
+        changed = {}
+        for group in self.optimizer.param_groups:
+            for key, value in wanted.items():
+                old = tuple(group[key]) if key == "betas" else group[key]
+                if old != value:
+                    changed[key] = (old, value)
+                    group[key] = value
+        if changed:
+            self._log("resumed optimizer takes the config's " + ", ".join(
+                f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()))
 
     def save_checkpoint(self) -> Optional[Path]:
         """Collective under FSDP (every rank writes its shards); rank 0 alone otherwise. Returns
@@ -319,7 +395,7 @@ class Trainer:
             path = None
             if self.ctx.is_main:
                 path = ckpt_io.atomic_torch_save(self.state_dict(batches), self.ckpt_dir / f"checkpoint_{self.step:08d}.pt")
-                ckpt_io.prune_checkpoints(self.ckpt_dir, keep_last)
+                ckpt_io.prune_checkpoints(self.ckpt_dir, keep_last, keep=path)
         self._saved = (self.step, path)
         return path
 
@@ -370,6 +446,7 @@ class Trainer:
         cannot see inside the fused kernels (custom ops), whose math is the reference's."""
         was_training = self.method.training
         rng = torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
         try:
             self.method.eval()
             probe = torch.randn(min(2, batch_size), *self.image_shape, device=self.device)
@@ -388,6 +465,8 @@ class Trainer:
             self.method.zero_grad(set_to_none=True)
             self.method.train(was_training)
             torch.set_rng_state(rng)
+            if cuda_rng is not None:  # the probe's randn and dropout drew from the device's generator
+                torch.cuda.set_rng_state(cuda_rng, self.device)
         return flops
 
     @torch.no_grad()
@@ -516,10 +595,11 @@ class Trainer:
                     window_start, window_images, window_paused = time.perf_counter(), 0, 0.0
                     window_sums, window_steps = None, 0
                 t_aside = time.perf_counter()  # sampling and checkpoints are not training throughput
-                if self.step % train_cfg.sample_every == 0:
-                    self.sample_grid(f"{self.step:08d}")
+                # Checkpoint first: a sampler that fails (e.g. out of memory) loses no training.
                 if self.step % train_cfg.save_every == 0:
                     self.save_checkpoint()
+                if self.step % train_cfg.sample_every == 0:
+                    self.sample_grid(f"{self.step:08d}")
                 window_paused += time.perf_counter() - t_aside
                 self._maybe_inject_fault()
                 # One tiny all-reduce: a signal on any rank stops every rank after the same step.
