@@ -20,7 +20,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -94,22 +94,26 @@ def run_case(args, parallelism: str, compile_scope: str, ctx) -> Dict[str, Any]:
             dist.barrier()
 
     barrier()
-    start = time.perf_counter()
-    step()
-    first = time.perf_counter() - start
-    for _ in range(args.warmup):
-        step()
-    times: List[float] = []
-    barrier()
-    for _ in range(args.steps):
+    with utils.peak_memory(ctx.device) as mem:  # first step included: its autotuning and buffers count
         start = time.perf_counter()
         step()
-        times.append(time.perf_counter() - start)
-    # The slowest rank sets the pace: report the per-step maximum over ranks.
+        first = time.perf_counter() - start
+        for _ in range(args.warmup):
+            step()
+        times: List[float] = []
+        barrier()
+        for _ in range(args.steps):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+    peak = float(mem.peak_bytes)
+    # The slowest rank sets the pace: report the per-step maximum over ranks (and the largest peak).
     if dist.is_initialized():
-        t = torch.tensor(times + [first], dtype=torch.float64)
+        t = torch.tensor(times + [first, peak], dtype=torch.float64,
+                         device=ctx.device if dist.get_backend() == "nccl" else "cpu")
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        times, first = t[:-1].tolist(), float(t[-1])
+        values = t.cpu().tolist()
+        times, first, peak = values[:-2], float(values[-2]), float(values[-1])
     stats = utils.summarize(times)
     images = train_cfg.batch_size * ctx.world_size
     return {
@@ -121,6 +125,7 @@ def run_case(args, parallelism: str, compile_scope: str, ctx) -> Dict[str, Any]:
         "stats": {**stats, "rounds": len(times), "iterations": 1},
         "extra_info": {"first_step_s": round(first, 3), "img_per_s": images / stats["median"],
                        "images_per_step": images, "batch_per_rank": train_cfg.batch_size,
+                       "peak_mem_mb": round(peak / 2**20, 1), "peak_mem_kind": mem.kind,
                        "num_parameters": num_params, "method": method_name, "derivative": derivative,
                        "wrapper": type(wrapped).__name__},
     }
@@ -137,7 +142,8 @@ def main(argv=None) -> int:
             dist.init_process_group(backend=backend)
         else:  # a plain `python` run: a group of one needs no port
             dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
-    records = []
+    records: List[Dict[str, Any]] = []
+    written: Optional[Path] = None
     for compile_scope in args.compile.split(","):
         for parallelism in args.parallelism.split(","):
             try:
@@ -150,23 +156,32 @@ def main(argv=None) -> int:
             if ctx.is_main:
                 s, e = record["stats"], record["extra_info"]
                 print(f"{parallelism:>5s} {compile_scope:>6s} | step {1e3 * s['median']:8.1f} ms (IQR {1e3 * s.get('iqr', 0):.1f}) "
-                      f"| {e['img_per_s']:8.1f} img/s | first step {e['first_step_s']:.1f} s", flush=True)
+                      f"| {e['img_per_s']:8.1f} img/s | first step {e['first_step_s']:.1f} s | peak {e['peak_mem_mb']:.0f} MB",
+                      flush=True)
+                # After every case: a run killed at its time limit keeps what it measured.
+                written = _write(args, ctx, records)
     if ctx.is_main and records:
-        base = {r["params"]["compile"]: r["stats"]["median"] for r in records if r["params"]["parallelism"] == "none"}
-        eager_none = base.get("none")
         print("\nstep time ratios (vs none/eager):")
         for r in records:
-            ratio = r["stats"]["median"] / eager_none if eager_none else float("nan")
-            r["extra_info"]["ratio_vs_none_eager"] = ratio
-            print(f"  {r['params']['parallelism']:>5s}/{r['params']['compile']:<6s} {ratio:6.2f}x")
-        if args.out != "":
-            info = utils.device_info(ctx.device)
-            path = Path(args.out) if args.out else utils.RESULTS_DIR / f"{info['slug']}_{info['date']}_dist.json"
-            written = utils.write_results(records, info, path=path, source="bench/dist_step.py",
-                                          meta={"world_size": ctx.world_size, "omp_threads": os.environ.get("OMP_NUM_THREADS")})
+            print(f"  {r['params']['parallelism']:>5s}/{r['params']['compile']:<6s} {r['extra_info']['ratio_vs_none_eager']:6.2f}x")
+        if written is not None:
             print(f"results: {written}")
     cleanup()
     return 0
+
+
+def _write(args, ctx, records: List[Dict[str, Any]]) -> Optional[Path]:
+    """Ratios against none/eager (NaN until it is measured) into every record; the result file."""
+    eager_none = next((r["stats"]["median"] for r in records
+                       if r["params"]["parallelism"] == "none" and r["params"]["compile"] == "none"), None)
+    for r in records:
+        r["extra_info"]["ratio_vs_none_eager"] = r["stats"]["median"] / eager_none if eager_none else float("nan")
+    if args.out == "":
+        return None
+    info = utils.device_info(ctx.device)
+    path = Path(args.out) if args.out else utils.RESULTS_DIR / f"{info['slug']}_{info['date']}_dist.json"
+    return utils.write_results(records, info, path=path, source="bench/dist_step.py",
+                               meta={"world_size": ctx.world_size, "omp_threads": os.environ.get("OMP_NUM_THREADS")})
 
 
 if __name__ == "__main__":

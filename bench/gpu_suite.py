@@ -320,6 +320,18 @@ def _kill_group(proc: Optional[subprocess.Popen]) -> None:
     proc.wait()
 
 
+def _stop_launcher(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """Stop a torchrun launcher: SIGTERM first, which it forwards to its workers and waits for
+    (some torch versions start the workers in a session of their own, out of reach of a kill of
+    the launcher's group), then the whole group for good."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=grace_s)
+    _kill_group(proc)
+
+
 def _write_status(path: Path, status: Dict[str, Any]) -> None:
     """Written whole, then renamed: another process polls for it and reads it at once."""
     part = path.with_suffix(".part")
@@ -350,7 +362,9 @@ def section_env(ctx: Ctx) -> None:
     info["cudnn_benchmark"] = bool(torch.backends.cudnn.benchmark)
     ctx.results["device"] = info
     ctx.results["packages"] = {name: _package_version(name) for name in (
-        "numpy", "pytest", "pytest-benchmark", "pytest-xdist", "pytest-timeout", "einops", "pyyaml")}
+        "numpy", "pytest", "pytest-benchmark", "pytest-xdist", "pytest-timeout", "einops", "pyyaml",
+        "tensorboard", "pillow", "scikit-learn", "tqdm")}
+    missing = sorted(name for name, version in ctx.results["packages"].items() if version is None)
     if ctx.device.type == "cuda":
         try:
             smi = subprocess.run(
@@ -374,6 +388,8 @@ def section_env(ctx: Ctx) -> None:
         ctx.results["ops_backends"] = _error(exc)
     for key in ("device_name", "torch", "triton", "cuda", "cudnn", "python"):
         print(f"  {key}: {info.get(key)}")
+    # The suite installs nothing: what is missing here explains sections that skip or fail below.
+    print(f"  packages missing: {', '.join(missing) if missing else 'none'}")
     print(f"  fused backend: {ctx.results.get('fused_backend')}  ({ctx.results.get('ops_backends')}); "
           f"fp32 'highest' attention dots: {ctx.results.get('fp32_highest_dot', '-')}")
     if "nvidia_smi" in ctx.results:
@@ -761,19 +777,19 @@ def section_train_dist(ctx: Ctx) -> None:
            "--parallelism", "none,ddp,fsdp", "--compile", "none", "--steps", "5",
            "--warmup", "2", "--wrap-single-rank", "--out", str(out)]
     timeout = ctx.left() - 3
-    if timeout < 15:
+    if timeout < 25:
         ctx.results.update(status="skipped", reason="section budget spent")
         return
     log_path = ctx.out / "train_dist.log"
     with paused_background(ctx), open(log_path, "w") as log:
         proc = _spawn(cmd, cwd=REPO_ROOT, env=dict(os.environ), stdout=log, stderr=subprocess.STDOUT)
         try:
-            ctx.results["returncode"] = proc.wait(timeout=timeout)
+            ctx.results["returncode"] = proc.wait(timeout=max(timeout - 10, 5))  # 10 s to stop it
         except subprocess.TimeoutExpired:
             ctx.results["returncode"] = "timeout"
         finally:
-            _kill_group(proc)
-    try:
+            _stop_launcher(proc)
+    try:  # dist_step.py rewrites it after every case: a timed-out run keeps its finished ones
         doc = json.loads(out.read_text())
     except (OSError, ValueError):
         ctx.results.update(status="error", reason=f"no results (exit {ctx.results['returncode']}); see {log_path.name}")
@@ -855,7 +871,8 @@ def section_kernel_tests(ctx: Ctx) -> None:
         print("  no tests/test_kernels_*.py: skipped")
         return
     # addopts cleared so the selection below is ours (the project's adds -q and -m 'not slow').
-    base = [sys.executable, "-m", "pytest", *files, "-o", "addopts=", "-x", "-q", "-p", "no:cacheprovider", "-rfEs"]
+    # -v: a pass stopped at its time limit shows in the log which test it was in.
+    base = [sys.executable, "-m", "pytest", "-o", "addopts=", "-x", "-v", "-p", "no:cacheprovider", "-rfEs"]
     if ctx.profile.kernel_test_workers > 1 and importlib.util.find_spec("xdist") is not None:
         base += ["-n", str(ctx.profile.kernel_test_workers)]
     if importlib.util.find_spec("pytest_timeout") is not None:
@@ -863,16 +880,23 @@ def section_kernel_tests(ctx: Ctx) -> None:
     env = dict(os.environ, TRITON_INTERPRET="0")  # the tests default to the interpreter when it is unset
     log = ctx.out / "kernel_tests.log"
     log.write_text("")
-    # The CPU (C++) leg of the fused-vs-reference convergence test is CI's; here only CUDA counts.
-    passes = [("default", ["-m", "not slow", "-k", "not cpu-cpp"]), ("slow", ["-m", "slow", "-k", "not cpu-cpp"])]
-    for name, selection in passes:
+    # The training-length convergence test (hundreds of UNet steps) runs last, on its own, so that
+    # it cannot take the kernels' own tests down with it at the time limit. Its CPU (C++) leg is
+    # CI's; here only CUDA counts.
+    convergence = [f for f in files if f.endswith("test_kernels_convergence.py")]
+    unit = [f for f in files if f not in convergence]
+    passes = [("default", unit, ["-m", "not slow"]), ("slow", unit, ["-m", "slow"]),
+              ("convergence", convergence, ["-m", "slow or not slow", "-k", "not cpu-cpp"])]
+    for name, pass_files, selection in passes:
+        if not pass_files:
+            continue
         timeout = ctx.left() - 4
         if name == "slow":
             timeout = min(timeout, ctx.profile.kernel_slow_pass_s)
         if timeout < (10 if name == "default" else 30):
             ctx.results[name] = {"status": "skipped", "reason": "section budget spent"}
             continue
-        cmd = base + selection
+        cmd = base[:3] + pass_files + base[3:] + selection
         rec: Dict[str, Any] = {"command": " ".join(cmd[2:])}
         t0 = time.perf_counter()
         with open(log, "a") as fh:

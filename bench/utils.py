@@ -677,5 +677,10 @@ def write_results(records: Sequence[Dict[str, Any]], info: Dict[str, Any], *, pa
         **(meta or {}),
         "benchmarks": kept + list(records),
     }
-    path.write_text(json.dumps(_jsonable(doc), indent=1, sort_keys=False) + "\n")
+    text = json.dumps(_jsonable(doc), indent=1, sort_keys=False) + "\n"
+    # Atomically: the GPU suite and dist_step rewrite their file after every case and may be
+    # killed at a time limit mid-write.
+    from fastflow.io import atomic_write
+
+    atomic_write(path, lambda handle: handle.write(text.encode()))
     return path

@@ -15,8 +15,6 @@ import random
 
 import pytest
 
-from fastflow.config import load_config
-
 TINY_OVERRIDES = [
     "data.dataset=digits",
     "data.image_size=8",
@@ -53,6 +51,9 @@ TINY_OVERRIDES = [
 @pytest.fixture
 def tiny_config(tmp_path):
     """Factory: a tiny CPU config for ``method`` writing under tmp_path, plus extra overrides."""
+    # Imported here, not at the top: the kernel tests need neither PyYAML nor the config, and the
+    # GPU suite runs them on machines that have only what torch brought.
+    from fastflow.config import load_config
 
     def make(method: str = "flow_map_matching", *overrides: str):
         return load_config(

@@ -64,6 +64,7 @@ def test_parallelism_rows_are_wrapped(suite_out):
     assert rows["none"]["wrapper"] == "FlowMapMatching", rows["none"]
     assert rows["ddp"]["wrapper"] == "DistributedDataParallel", rows["ddp"]
     assert rows["fsdp"]["wrapper"].startswith("FSDP"), rows["fsdp"]  # fully_shard's FSDP<Class>
+    assert all(r["peak_mem_mb"] > 0 for r in rows.values()), rows  # measured per case, max over ranks
 
 
 def test_results_file_is_in_bench_format(suite_out):
