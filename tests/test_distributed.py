@@ -281,7 +281,17 @@ def _fraction_off(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor], atol: 
     return float((diff > atol).float().mean())
 
 
+# Finite differences divide float32 rounding by 2h: their parameter gradients move by ~2e-4 of
+# their scale with the accumulation order alone (one process, loss split 0.3 + 0.7 instead of
+# 1.0: 2.1e-4; dual: 8.6e-7; measured 2026-12-06), so their cases get that much room, in the
+# gradients and in the weights Adam makes of them.
+FD_GRAD_RTOL, FD_WEIGHT_ATOL = 5e-4, 1e-4
+
+
 def check_case(out: Path, tmp: Path, case: str, grad_rtol: float = 2e-5) -> None:
+    weight_atol = 1e-5
+    if ":finite_difference" in case:
+        grad_rtol, weight_atol = max(grad_rtol, FD_GRAD_RTOL), FD_WEIGHT_ATOL
     ref_grads, ref_losses, ref_weights, ref_ema = reference_run(tmp, case)
     ranks = [torch.load(out / f"grads_{case.replace(':', '_')}_rank{r}.pt", weights_only=False) for r in range(2)]
     grad_scale = max(float(g.abs().max()) for g in ref_grads.values())
@@ -298,10 +308,12 @@ def check_case(out: Path, tmp: Path, case: str, grad_rtol: float = 2e-5) -> None
         # move a weight by up to ~lr per step; typical coordinates agree far more tightly.
         lr = 0.002
         assert _max_diff(rec["weights"], ref_weights) <= 2 * lr * STEPS, f"{case}: rank {r} weights"
-        assert _fraction_off(rec["weights"], ref_weights) < 0.01, f"{case}: rank {r}: >1% of weights off by >1e-5"
+        assert _fraction_off(rec["weights"], ref_weights, weight_atol) < 0.01, \
+            f"{case}: rank {r}: >1% of weights off by >{weight_atol:g}"
         # The same for the EMA: the bound alone would pass an EMA never updated on a rank.
         assert _max_diff(rec["ema"], ref_ema) <= 2 * lr * STEPS, f"{case}: rank {r} EMA"
-        assert _fraction_off(rec["ema"], ref_ema) < 0.01, f"{case}: rank {r}: >1% of EMA weights off by >1e-5"
+        assert _fraction_off(rec["ema"], ref_ema, weight_atol) < 0.01, \
+            f"{case}: rank {r}: >1% of EMA weights off by >{weight_atol:g}"
 
 
 # ------------------------------------------------------------------------------------ tests
