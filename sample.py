@@ -6,12 +6,18 @@
 
 --output *.png writes a grid; *.npz writes the raw samples as uint8 `images` of shape (N, H, W, C).
 --checkpoint takes a checkpoint file, a run folder (its latest checkpoint) or an exported EMA file.
+
+Sample i starts from noise that is a function of (--seed, i) alone, drawn on the CPU: the
+deterministic samplers (DDIM with --eta 0, FlowMatching, FlowMapMatching) give the same images for
+any --batch_size and on any device (up to its arithmetic); the stochastic ones (DDPM, DDIM with
+--eta > 0) for a given --seed and --batch_size.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,7 +38,7 @@ def parse_args(argv=None):
     p.add_argument("--method", required=True, choices=METHOD_CHOICES)
     p.add_argument("--num_samples", type=int, default=64)
     p.add_argument("--num_steps", type=int, default=None, help="sampling steps (DDPM ignores it: T steps)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity (0 = deterministic)")
+    p.add_argument("--eta", type=float, default=None, help="DDIM stochasticity in [0, 1] (default: the checkpoint config's sampling.eta, 0 = deterministic)")
     p.add_argument("--solver", default=None, choices=["euler", "midpoint", "heun"], help="FlowMatching ODE solver")
     p.add_argument("--use_ema", action="store_true", help="sample with the EMA weights")
     p.add_argument("--output", default="samples.png", help=".png grid or .npz raw uint8 (N, H, W, C)")
@@ -44,11 +50,47 @@ def parse_args(argv=None):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name} must be at least 1, got {value}")
-    if not (math.isfinite(args.eta) and args.eta >= 0):
-        p.error(f"--eta must be a finite number >= 0, got {args.eta}")
-    if Path(args.output).suffix.lower() not in (".png", ".npz"):  # before sampling, not after
+    if args.eta is not None and not (math.isfinite(args.eta) and 0 <= args.eta <= 1):
+        # above 1, σ² exceeds the step's noise budget 1 − ᾱ_prev: no longer the DDIM family
+        p.error(f"--eta must be a number in [0, 1], got {args.eta}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available here")
+    # Checked before sampling, not after: a long run must not end in an unwritable path.
+    out = Path(args.output)
+    if out.suffix.lower() not in (".png", ".npz"):
         p.error(f"--output must end in .png or .npz, got {args.output}")
+    if out.is_dir():
+        p.error(f"--output {args.output} is a folder; give a file name ending in .png or .npz")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        p.error(f"--output {args.output}: cannot create its folder ({exc.strerror or exc})")
+    if not os.access(out.parent, os.W_OK):
+        p.error(f"--output {args.output}: folder {out.parent} is not writable")
+    ignored = []
+    if args.eta is not None and not args.method.startswith("DDIM"):
+        ignored.append("--eta (DDIM only)")
+    if args.solver is not None and args.method != "FlowMatching":
+        ignored.append("--solver (FlowMatching only)")
+    if args.num_steps is not None and args.method.startswith("DDPM"):
+        ignored.append("--num_steps (DDPM takes every timestep; use --method DDIM for fewer)")
+    for flag in ignored:
+        print(f"warning: {args.method} ignores {flag}", file=sys.stderr)
     return args
+
+
+def _seed(seed: int, index: int, stream: int) -> int:
+    """A 63-bit seed that is a function of (seed, sample index, stream) alone."""
+    return ((seed * 1_000_003 + index) * 8_191 + stream) % (2**63 - 1)
+
+
+def start_noise(seed: int, first: int, n: int, image_shape, device: torch.device) -> torch.Tensor:
+    """The starting noise of samples ``first … first + n − 1``: sample i's is drawn from its own CPU
+    generator seeded by (seed, i), so it depends on neither the batch it is in nor the device."""
+    out = torch.empty((n, *image_shape))
+    for j in range(n):
+        out[j] = torch.randn(image_shape, generator=torch.Generator().manual_seed(_seed(seed, first + j, 0)))
+    return out.to(device)
 
 
 def load_method(checkpoint: str, cli_method: str, use_ema: bool, device: torch.device):
@@ -95,7 +137,8 @@ def main(argv=None) -> int:
     image_shape = (config.data.channels, config.data.image_size, config.data.image_size)
     kwargs = {}
     if args.method.startswith("DDIM"):
-        kwargs = {"sampler": "ddim", "num_steps": args.num_steps or 100, "eta": args.eta}
+        kwargs = {"sampler": "ddim", "num_steps": args.num_steps or 100,
+                  "eta": args.eta if args.eta is not None else config.sampling.eta}
     elif args.method.startswith("DDPM"):
         kwargs = {"sampler": "ddpm"}
     elif args.method == "FlowMatching":
@@ -103,26 +146,34 @@ def main(argv=None) -> int:
     else:
         kwargs = {"num_steps": args.num_steps or config.sampling.num_steps}
     if kwargs.get("sampler") == "ddim" and kwargs["num_steps"] > method.num_timesteps:
-        print(f"error: --num_steps {kwargs['num_steps']} exceeds the checkpoint's {method.num_timesteps} "
+        given = "" if args.num_steps else " (the default)"
+        print(f"error: --num_steps {kwargs['num_steps']}{given} exceeds the checkpoint's {method.num_timesteps} "
               f"timesteps (DDIM takes a subset of them)", file=sys.stderr)
         return 2
 
-    generator = torch.Generator(device=device).manual_seed(args.seed)
+    start_key = "x_T" if args.method.startswith(("DDPM", "DDIM")) else "x_0"
     chunks = []
     start = time.perf_counter()
     with torch.no_grad():
-        remaining = args.num_samples
-        while remaining > 0:
-            n = min(args.batch_size, remaining)
-            chunks.append(method.sample(n, image_shape, generator=generator, **kwargs).float().clamp(-1, 1).cpu())
-            remaining -= n
+        for first in range(0, args.num_samples, args.batch_size):
+            n = min(args.batch_size, args.num_samples - first)
+            # the stochastic samplers' per-step noise: one stream per batch, seeded by where it starts
+            generator = torch.Generator(device=device).manual_seed(_seed(args.seed, first, 1))
+            noise = start_noise(args.seed, first, n, image_shape, device)
+            chunk = method.sample(n, image_shape, generator=generator, **{start_key: noise}, **kwargs).float().cpu()
+            bad = int((~torch.isfinite(chunk.flatten(1))).any(dim=1).sum())
+            if bad:  # clamp keeps NaN and the uint8 cast turns it black: say so, write nothing
+                print(f"error: {bad} of samples {first}…{first + n - 1} are not finite (NaN/inf): "
+                      f"{args.checkpoint} has diverged, or --num_steps is too small for it; nothing written",
+                      file=sys.stderr)
+                return 2
+            chunks.append(chunk.clamp(-1, 1))
     samples = torch.cat(chunks)
     seconds = time.perf_counter() - start
 
     from fastflow.data import save_image, to_uint8_nhwc
 
     out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix.lower() == ".npz":
         np.savez_compressed(out, images=to_uint8_nhwc(samples))
     else:

@@ -221,7 +221,7 @@ _RANGES: Sequence[Tuple[str, Callable[[Any], bool], str]] = (
     ("flow_map_matching.fd_step", lambda x: _finite(x) and 0 < x < 0.5,
      "a finite step in (0, 0.5) (the central difference evaluates t ± fd_step in [0, 1])"),
     ("flow_map_matching.reconstruction_weight", lambda x: _finite(x) and x >= 0, "a finite number >= 0"),
-    ("sampling.eta", lambda x: _finite(x) and x >= 0, "a finite number >= 0 (0: deterministic DDIM)"),
+    ("sampling.eta", lambda x: 0 <= x <= 1, "a number in [0, 1] (0: deterministic DDIM; above 1 σ² exceeds a step's noise budget)"),
     ("logging.profile_wait", lambda x: x >= 0, "a step count >= 0"),
     ("logging.profile_warmup", lambda x: x >= 0, "a step count >= 0"),
     ("logging.profile_active", lambda x: x >= 1, "a step count >= 1"),

@@ -156,7 +156,7 @@ def test_override_wrong_type_names_key_and_value() -> None:
 @pytest.mark.parametrize("bad", [
     "training.gradient_clip_norm=0", "training.gradient_clip_norm=-1", "training.learning_rate=.nan",
     "training.learning_rate=-1e-4", "training.ema_decay=1.5", "training.ema_decay=1", "training.betas=[0.9, 1.5]",
-    "model.dropout=2", "training.num_samples=0", "data.num_workers=-1", "sampling.eta=-3",
+    "model.dropout=2", "training.num_samples=0", "data.num_workers=-1", "sampling.eta=-3", "sampling.eta=1.5",
     "ddpm.beta_end=1.2", "flow_map_matching.sigma_min=0.5", "flow_map_matching.reconstruction_weight=.inf",
     "logging.profile_active=0", "model.channel_mult=[1, 0, 2]", "model.channel_mult=[-1]",
     "flow_map_matching.fd_step=.nan", "flow_map_matching.fd_step=.inf", "flow_map_matching.fd_step=0",

@@ -256,6 +256,19 @@ def test_ddim_eta0_is_deterministic_given_x_T(cls, seed: int) -> None:
     noisy = [method.sample(3, (2, 4, 4), num_steps=10, sampler="ddim", eta=0.5, x_T=x_T.clone(),
                            generator=torch.Generator().manual_seed(s)) for s in (seed, seed + 1)]
     assert not torch.equal(noisy[0], noisy[1]), "η=0.5 should draw noise"
+    # η=0 leaves the generator's stream where it was (so a later batch's noise does not depend on
+    # how many steps this one took)
+    gen = torch.Generator().manual_seed(seed)
+    method.sample(3, (2, 4, 4), num_steps=10, sampler="ddim", eta=0.0, x_T=x_T.clone(), generator=gen)
+    assert torch.equal(torch.randn(4, generator=gen), torch.randn(4, generator=torch.Generator().manual_seed(seed)))
+
+
+@pytest.mark.parametrize("eta", [-0.1, 1.5, float("nan")])
+def test_ddim_eta_outside_0_1_is_refused(eta: float) -> None:
+    """Above 1, σ² exceeds the step's noise budget 1 − ᾱ_prev (the clamp would hide it)."""
+    method = DDPM(Stub(lambda x, t: torch.zeros_like(x)), 1000)
+    with pytest.raises(ValueError, match="eta=.*expected a number in \\[0, 1\\]"):
+        method.sample(2, (1, 4, 4), num_steps=5, sampler="ddim", eta=eta)
 
 
 @pytest.mark.parametrize("eta", [0.0, 1.0])

@@ -454,16 +454,81 @@ def test_train_cli_overrides_around_flags_and_exit_status(tmp_path, monkeypatch,
     (["--batch_size", "0"], "--batch_size must be at least 1"),
     (["--num_samples", "0"], "--num_samples must be at least 1"),
     (["--num_steps", "0"], "--num_steps must be at least 1"),
-    (["--eta", "nan"], "--eta must be a finite number"),
+    (["--eta", "nan"], "--eta must be a number in [0, 1]"),
+    (["--eta", "1.5"], "--eta must be a number in [0, 1]"),
     (["--output", "grid.jpg"], "--output must end in .png or .npz"),
+    (["--output", "afile/out.npz"], "--output afile/out.npz: cannot create its folder"),
+    (["--output", "adir.png"], "--output adir.png is a folder"),
 ])
-def test_sample_cli_rejects_bad_arguments_before_loading(args, message, capsys, monkeypatch):
+def test_sample_cli_rejects_bad_arguments_before_loading(args, message, capsys, monkeypatch, tmp_path):
     monkeypatch.syspath_prepend(str(REPO))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("a file, not a folder")
+    (tmp_path / "adir.png").mkdir()
     import sample as sample_cli
 
     with pytest.raises(SystemExit) as info:
         sample_cli.parse_args(["--checkpoint", "unused.pt", "--method", "DDIM", *args])
     assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def sample_checkpoints(tmp_path_factory):
+    """One 2-step checkpoint per method (shared by the sample.py tests below)."""
+    from conftest import TINY_OVERRIDES
+    from fastflow.config import load_config
+
+    root = tmp_path_factory.mktemp("sample_ckpts")
+    out = {}
+    for method in ("ddpm", "flow_matching", "flow_map_matching"):
+        cfg = load_config(None, [f"method={method}", *TINY_OVERRIDES, f"checkpoint.dir={root}/ckpt",
+                                 f"logging.dir={root}/logs", f"logging.run_name={method}", "training.num_iterations=2"])
+        out[method] = Trainer(cfg, quiet=True).train()["checkpoint"]
+    return out
+
+
+def _sample_npz(monkeypatch, tmp_path, ckpt, method, *args):
+    monkeypatch.syspath_prepend(str(REPO))
+    import sample as sample_cli
+
+    out = tmp_path / f"{method}_{len(list(tmp_path.iterdir()))}.npz"
+    code = sample_cli.main(["--checkpoint", ckpt, "--method", method, "--num_samples", "5", "--device", "cpu",
+                            "--output", str(out), *args])
+    return code, (np.load(out)["images"] if code == 0 else None)
+
+
+@pytest.mark.parametrize("method,ckpt_key,extra", [
+    ("DDIM", "ddpm", ["--num_steps", "4", "--eta", "0"]),
+    ("FlowMatching", "flow_matching", ["--num_steps", "3"]),
+    ("FlowMapMatching", "flow_map_matching", ["--num_steps", "2"]),
+])
+def test_deterministic_samples_do_not_depend_on_the_batch_size(sample_checkpoints, monkeypatch, tmp_path,
+                                                                method, ckpt_key, extra):
+    """Sample i starts from noise of (seed, i) alone, and DDIM at eta 0 draws no other noise: the
+    same --seed gives the same images in batches of 5 or of 2 + 2 + 1. A new seed changes them."""
+    ckpt = sample_checkpoints[ckpt_key]
+    _, whole = _sample_npz(monkeypatch, tmp_path, ckpt, method, "--batch_size", "5", *extra)
+    _, split = _sample_npz(monkeypatch, tmp_path, ckpt, method, "--batch_size", "2", *extra)
+    _, other = _sample_npz(monkeypatch, tmp_path, ckpt, method, "--batch_size", "5", "--seed", "1", *extra)
+    assert whole.shape == (5, 8, 8, 1)
+    assert np.abs(whole.astype(int) - split.astype(int)).max() <= 1  # float rounding of a batched conv
+    assert np.abs(whole.astype(int) - other.astype(int)).max() > 10
+
+
+def test_sample_cli_refuses_non_finite_samples_and_warns_on_ignored_flags(sample_checkpoints, monkeypatch,
+                                                                         tmp_path, capsys):
+    """A diverged checkpoint's NaN samples would be written as black pixels with exit status 0:
+    nothing is written, status 2. Flags a method does not read are named on stderr."""
+    from fastflow.methods.flow_matching import FlowMatching
+
+    def nan_sample(self, batch_size, image_shape, **kwargs):
+        return torch.full((batch_size, *image_shape), float("nan"))
+
+    monkeypatch.setattr(FlowMatching, "sample", nan_sample)
+    code, _ = _sample_npz(monkeypatch, tmp_path, sample_checkpoints["flow_matching"], "FlowMatching", "--eta", "0.5")
+    err = capsys.readouterr().err
+    assert code == 2 and "5 of samples 0…4 are not finite" in err and not list(tmp_path.glob("*.npz"))
+    assert "FlowMatching ignores --eta" in err
 
 
 def test_channels_last_trains_like_contiguous(tiny_config):

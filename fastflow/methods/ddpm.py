@@ -122,8 +122,11 @@ class DDPM(BaseMethod):
         )
         sigma = eta * torch.sqrt((1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev))
         direction = torch.sqrt((1 - ab_prev - sigma**2).clamp(min=0.0))
+        out = ab_prev.sqrt() * x0 + direction * eps
+        if eta == 0:  # deterministic: draw nothing, so the generator's stream is left as it was
+            return out
         noise = torch.randn(x_t.shape, device=x_t.device, generator=generator)
-        return ab_prev.sqrt() * x0 + direction * eps + sigma * noise
+        return out + sigma * noise
 
     @staticmethod
     def ddim_timesteps(num_timesteps: int, num_steps: int) -> list:
@@ -164,6 +167,8 @@ class DDPM(BaseMethod):
             return x
         if sampler != "ddim":
             raise ValueError(f"DDPM.sample: unknown sampler {sampler!r} (ddpm | ddim)")
+        if not 0.0 <= eta <= 1.0:  # above 1, σ² exceeds the noise budget 1 − ᾱ_prev of a step
+            raise ValueError(f"DDIM eta={eta}: expected a number in [0, 1] (0: deterministic, 1: DDPM-like)")
         steps = self.ddim_timesteps(self.num_timesteps, num_steps or 100)
         for cur, prev in zip(steps[:-1], steps[1:]):
             t = torch.full((batch_size,), cur, device=device, dtype=torch.long)
