@@ -110,13 +110,18 @@ def load_method(checkpoint: str, cli_method: str, use_ema: bool, device: torch.d
         raise CheckpointError(f"{ckpt['_path']}: its weights do not fit the model its config builds ({exc})") from exc
     if use_ema:
         ema = ckpt.get("ema")
-        if not ema:
+        if not isinstance(ema, dict) or not ema.get("shadow"):
             raise CheckpointError(f"{ckpt['_path']} holds no EMA weights; run without --use_ema")
         shadow = strip_module_prefix(ema["shadow"])
         params = dict(method.model.named_parameters())
         missing = set(params) - set(shadow)
         if missing:
             raise CheckpointError(f"{ckpt['_path']}: EMA weights miss {sorted(missing)[:3]} ...")
+        wrong = [f"{n} {tuple(shadow[n].shape)} vs {tuple(p.shape)}" for n, p in params.items()
+                 if tuple(shadow[n].shape) != tuple(p.shape)]
+        if wrong:
+            raise CheckpointError(f"{ckpt['_path']}: EMA weights do not fit the model its config builds: "
+                                  f"{', '.join(wrong[:3])}")
         with torch.no_grad():
             for name, p in params.items():
                 p.copy_(shadow[name].to(p.dtype))

@@ -531,6 +531,18 @@ def test_sample_cli_refuses_non_finite_samples_and_warns_on_ignored_flags(sample
     assert "FlowMatching ignores --eta" in err
 
 
+def test_sample_cli_use_ema_on_broken_ema_entries_names_the_file(sample_checkpoints, monkeypatch, tmp_path, capsys):
+    ckpt = torch.load(sample_checkpoints["flow_matching"], weights_only=False)
+    for label, ema in (("none", {"decay": 0.9}), ("shape", {**ckpt["ema"], "shadow": {
+            k: (v[:1] if i == 0 else v) for i, (k, v) in enumerate(ckpt["ema"]["shadow"].items())}})):
+        path = tmp_path / f"ema_{label}.pt"
+        torch.save({**ckpt, "ema": ema}, path)
+        code, _ = _sample_npz(monkeypatch, tmp_path, str(path), "FlowMatching", "--use_ema", "--num_steps", "2")
+        err = capsys.readouterr().err
+        assert code == 2 and str(path) in err, err
+        assert ("holds no EMA weights" if label == "none" else "EMA weights do not fit") in err, err
+
+
 def test_channels_last_trains_like_contiguous(tiny_config):
     """infrastructure.channels_last: weights and every batch in channels_last (converted once, when
     the batch reaches the device); the numbers are those of the contiguous layout."""
