@@ -338,6 +338,15 @@ def test_prune_keeps_the_checkpoint_just_written(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_00000005.pt", "checkpoint_00000009.pt"]
 
 
+@pytest.mark.parametrize("zipfile", [True, False])
+def test_load_checkpoint_mmap_reads_either_format(tmp_path, zipfile):
+    """The run-name look-up maps the file (no full read); a file in torch's older format is read."""
+    path = tmp_path / "checkpoint_00000001.pt"
+    torch.save({"run_name": "r", "model": {"w": torch.arange(4.0)}}, path, _use_new_zipfile_serialization=zipfile)
+    ckpt = ckpt_io.load_checkpoint(path, mmap=True, require=("model",))
+    assert ckpt["run_name"] == "r" and torch.equal(ckpt["model"]["w"], torch.arange(4.0))
+
+
 def test_a_checkpoint_is_written_before_the_sample_grid_of_the_same_step(tiny_config, monkeypatch):
     """A sampler that fails at a step that is also a save step loses no training."""
     trainer = Trainer(tiny_config("flow_matching", "training.num_iterations=4", "training.save_every=2",

@@ -188,16 +188,24 @@ def _check_keys(ckpt: Dict[str, Any], require: Sequence[str], where: Any) -> Non
             f"{', ...' if len(ckpt) > 8 else ''}); a plain state_dict is no training checkpoint")
 
 
-def load_checkpoint(path: Union[str, Path], map_location: Any = "cpu", require: Sequence[str] = ()) -> Dict[str, Any]:
+def load_checkpoint(path: Union[str, Path], map_location: Any = "cpu", require: Sequence[str] = (),
+                    mmap: bool = False) -> Dict[str, Any]:
     """A single-file checkpoint as a dict; for a sharded checkpoint, its full-weight ``export.pt``.
-    ``require``: keys it must hold (else a CheckpointError naming the file and the missing keys)."""
+    ``require``: keys it must hold (else a CheckpointError naming the file and the missing keys).
+    ``mmap``: map the tensors instead of reading them (a look at the metadata costs no I/O)."""
     path = resolve_checkpoint(path)
     if path.is_dir():
         path = path / EXPORT_NAME
         if not path.is_file():
             raise CheckpointError(f"sharded checkpoint {path.parent} has no {EXPORT_NAME}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        try:
+            ckpt = torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
+        except RuntimeError:
+            if not mmap:
+                raise
+            # only files in torch's zip format map; an older one is read in full
+            ckpt = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as exc:  # truncated / not a torch file
         raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
     if not isinstance(ckpt, dict):

@@ -259,7 +259,7 @@ class Trainer:
             if ckpt_io.is_sharded_checkpoint(path):
                 run_name = ckpt_io.load_sharded_meta(path, 0).get("run_name")
             else:
-                run_name = ckpt_io.load_checkpoint(path, map_location="cpu").get("run_name")
+                run_name = ckpt_io.load_checkpoint(path, map_location="cpu", mmap=True).get("run_name")
         if run_name is not None:
             own_dir = Path(config.checkpoint.dir) / run_name
             newest = ckpt_io.latest_checkpoint(own_dir)
