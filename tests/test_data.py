@@ -185,6 +185,69 @@ def test_system_errors_are_not_bad_images(tmp_path, monkeypatch):
         datasets.decode_image_file(tmp_path / "x.png", 8, 3)
 
 
+def test_unlistable_subfolder_is_an_error_naming_it(image_tree, monkeypatch):
+    """A subfolder that cannot be listed (EACCES, stale NFS handle) raises naming it and data.root;
+    left out silently, its images would vanish from the dataset and from prepare. (As root, chmod
+    blocks nothing: the listing is made to fail instead.)"""
+    import errno
+    import os
+
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if os.fspath(path) == str(image_tree / "b"):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(PermissionError, match=f"cannot list the folder {image_tree / 'b'} under "
+                                              f"data.root={image_tree} \\(Permission denied\\)"):
+        ImageFolderDataset(image_tree, 8, augment=False)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    """A phone JPEG stores the sensor's landscape pixels and an orientation tag (6: rotate 90°
+    clockwise to view): it is trained upright, as viewers show it, not sideways."""
+    sensor = np.zeros((32, 64, 3), np.uint8)
+    sensor[:, :32] = 255  # left half white: upright (rotated clockwise), the top half is white
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(sensor).save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    folder = ImageFolderDataset(tmp_path, 32, 3, augment=False)
+
+    class Rows(list):
+        column_names = ["image"]
+
+    hub = HubDataset("phone", data=Rows([{"image": {"bytes": (tmp_path / "phone.jpg").read_bytes()}}]),
+                     image_size=32, augment=False)
+    for dataset in (folder, hub):
+        image = dataset.load_uint8(0).to(torch.int32)
+        # the 64x32 upright image, centre-cropped to its middle 32x32: white top half, black bottom half
+        assert image[:, :12].min() > 230 and image[:, -12:].max() < 25, (dataset, image[0, :, 0].tolist())
+
+
+def test_fingerprints_tell_copies_apart(tmp_path):
+    """Ranks compare fingerprints: the same listing gives the same one, one renamed file (same
+    count) another; a prepared array's depends on its shape and its manifest's listing."""
+    copies = {}
+    for name in ("n0", "n1", "n2"):
+        (tmp_path / name / "sub").mkdir(parents=True)
+        for k in range(4):
+            file = "zzz.png" if name == "n2" and k == 0 else f"{k:03d}.png"
+            _solid(30 * k, (8, 8), "L").save(tmp_path / name / ("sub" if k == 3 else ".") / file)
+        copies[name] = ImageFolderDataset(tmp_path / name, 8, 1, augment=False)
+    assert copies["n0"].fingerprint == copies["n1"].fingerprint
+    assert copies["n2"].fingerprint != copies["n0"].fingerprint and len(copies["n2"]) == len(copies["n0"])
+    loader = ResumableDataLoader(copies["n0"], batch_size=2)
+    assert loader.fingerprint == copies["n0"].fingerprint
+    assert DigitsDataset(8, 1).fingerprint == DigitsDataset(16, 3).fingerprint
+    array = tmp_path / "a.npy"
+    np.save(array, np.zeros((4, 8, 8, 1), np.uint8))
+    shorter = tmp_path / "b.npy"
+    np.save(shorter, np.zeros((3, 8, 8, 1), np.uint8))
+    assert ArrayDataset(array, 8, 1).fingerprint != ArrayDataset(shorter, 8, 1).fingerprint
+
+
 def test_image_folder_lists_decodes_and_resizes(image_tree):
     dataset = ImageFolderDataset(image_tree, image_size=32, channels=3, augment=False)
     names = [p.relative_to(image_tree).as_posix() for p in dataset.files]
@@ -465,8 +528,13 @@ def test_loader_state_mismatch_is_refused():
     next(loader)
     state = loader.state_dict()
     other = create_dataloader_from_config(_digits_config("training.batch_size=32"))
-    with pytest.raises(ValueError, match="batch_size"):
+    with pytest.raises(ValueError, match="batch_size.*set back training.batch_size=64; a change of world size "
+                                         "is the only change resumed approximately") as caught:
         other.load_state_dict(state)
+    assert "strict" not in str(caught.value)  # no command offers strict=False
+    flipped = create_dataloader_from_config(_digits_config("data.augment=false", "infrastructure.seed=7"))
+    with pytest.raises(ValueError, match="set back infrastructure.seed=42, data.augment=true;"):
+        flipped.load_state_dict(state)
     with pytest.warns(RuntimeWarning, match="approximately"):
         other.load_state_dict(state, strict=False)
     assert other.state_dict()["batch_in_epoch"] == 2  # 64 samples seen = 2 batches of 32

@@ -20,6 +20,7 @@ same whichever worker process loads them and across resumes.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import importlib.util
 import os
@@ -29,7 +30,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -111,6 +112,13 @@ class ImageDataset(Dataset):
         """The whole dataset as uint8 ``(N, C, S, S)`` when it is already in memory, else None."""
         return None
 
+    @property
+    def fingerprint(self) -> str:
+        """A cheap digest of which images this dataset holds, in which order (no decoding): ranks
+        compare it, so that node-local copies holding other files are refused. Here: the source's
+        name and size; subclasses that know their files say more."""
+        return f"{self.source}:{len(self)}"
+
     # -- shared behaviour ------------------------------------------------------------------
     @property
     def num_skipped(self) -> int:
@@ -166,10 +174,19 @@ def list_image_files(root: Path) -> List[Path]:
     """All ``.jpg/.jpeg/.png`` files (any case) under ``root``, recursively, sorted by relative
     POSIX path (deterministic across filesystems). Hidden files and folders (``.*``, e.g. macOS
     ``._x.jpg`` resource forks) are ignored. Symbolic links to folders are followed, but each
-    folder is read once: a link cycle or a second link to the same folder adds nothing."""
+    folder is read once: a link cycle or a second link to the same folder adds nothing. A folder
+    that cannot be listed (permission denied, stale NFS handle) raises ``OSError`` naming it:
+    left out, its images would silently vanish from the dataset."""
     found: List[Tuple[str, Path]] = []
     seen_dirs = set()  # (st_dev, st_ino) of every folder walked: links are followed, once each
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+
+    def unlistable(exc: OSError) -> None:
+        raise OSError(
+            exc.errno, f"cannot list the folder {exc.filename} under data.root={root} ({exc.strerror}): its "
+            f"images would be left out; fix its permissions or mount, or move it out of data.root"
+        ) from exc
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unlistable, followlinks=True):
         stat = os.stat(dirpath)
         if (stat.st_dev, stat.st_ino) in seen_dirs:  # a link cycle (a/up -> ..) or a second alias
             dirnames[:] = []
@@ -185,18 +202,30 @@ def list_image_files(root: Path) -> List[Path]:
     return [path for _, path in found]
 
 
+_EXIF_ORIENTATION = 0x0112
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """``image`` as viewers show it: its EXIF orientation (set by phone cameras, which store the
+    sensor's pixels and a rotation tag) applied; the image itself when it has no such tag."""
+    if image.getexif().get(_EXIF_ORIENTATION, 1) == 1:
+        return image
+    return ImageOps.exif_transpose(image)
+
+
 def decode_image_file(path: Path, image_size: int, channels: int) -> Tensor:
-    """Decode one file to uint8 ``(C, S, S)`` (see :func:`~fastflow.data.transforms.pil_to_uint8`);
-    a decoder failure becomes :class:`BadImageError` naming the file. Errors of the system, not of
-    the file's content (permission denied, I/O errors: an ``OSError`` with an errno; out of
-    memory) propagate: ``on_bad_image=skip`` must not replace images it merely failed to read."""
+    """Decode one file to uint8 ``(C, S, S)`` (see :func:`~fastflow.data.transforms.pil_to_uint8`),
+    turned upright by its EXIF orientation (:func:`upright`); a decoder failure becomes
+    :class:`BadImageError` naming the file. Errors of the system, not of the file's content
+    (permission denied, I/O errors: an ``OSError`` with an errno; out of memory) propagate:
+    ``on_bad_image=skip`` must not replace images it merely failed to read."""
     try:
         with Image.open(path) as image:
             if image.format == "JPEG" and min(image.size) >= 2 * image_size:
                 # Let libjpeg decode at 1/2, 1/4 or 1/8 scale (never below image_size).
                 image.draft("L" if channels == 1 else "RGB", (image_size, image_size))
             image.load()
-            return pil_to_uint8(image, image_size, channels)
+            return pil_to_uint8(upright(image), image_size, channels)
     except FileNotFoundError as exc:
         raise BadImageError(f"image file disappeared: {path} ({exc})") from exc
     except MemoryError:
@@ -212,9 +241,9 @@ def decode_image_file(path: Path, image_size: int, channels: int) -> Tensor:
 class ImageFolderDataset(ImageDataset):
     """Every ``.jpg/.jpeg/.png`` under ``root`` (recursive, case-insensitive, sorted).
 
-    Decoded to RGB (``channels=3``) or L (``channels=1``), center-cropped to a square if needed,
-    resized to ``image_size`` (bicubic), scaled to ``[-1, 1]``; random horizontal flip when
-    ``augment``. A missing folder or one without images raises ``FileNotFoundError`` naming it.
+    Decoded to RGB (``channels=3``) or L (``channels=1``), turned upright by its EXIF orientation,
+    center-cropped to a square if needed, resized to ``image_size`` (bicubic), scaled to
+    ``[-1, 1]``; random horizontal flip when ``augment``. A missing folder or one without images raises ``FileNotFoundError`` naming it.
     """
 
     def __init__(
@@ -246,6 +275,12 @@ class ImageFolderDataset(ImageDataset):
 
     def _describe(self, index: int) -> str:
         return str(self.files[index])
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """sha256 of the sorted relative paths: a file renamed, added or removed changes it."""
+        listing = "\n".join(path.relative_to(self.root).as_posix() for path in self.files)
+        return "folder:" + hashlib.sha256(listing.encode()).hexdigest()
 
 
 # -------------------------------------------------------------------------------------- hub
@@ -341,9 +376,9 @@ class HubDataset(ImageDataset):
                 source = io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"]
                 with Image.open(source) as image:
                     image.load()
-                    return pil_to_uint8(image, self.image_size, self.channels)
+                    return pil_to_uint8(upright(image), self.image_size, self.channels)
             item.load()
-            return pil_to_uint8(item, self.image_size, self.channels)
+            return pil_to_uint8(upright(item), self.image_size, self.channels)
         except Exception as exc:
             raise BadImageError(f"cannot decode image {self._describe(index)}: {type(exc).__name__}: {exc}") from exc
 
@@ -415,6 +450,12 @@ class ArrayDataset(ImageDataset):
     def _decode(self, index: int) -> Tensor:
         return torch.from_numpy(np.array(self._array[index], copy=True)).permute(2, 0, 1).contiguous()
 
+    @property
+    def fingerprint(self) -> str:
+        """Shape, dtype and the manifest's digest of the source listing (when there is a manifest)."""
+        listing = (self.manifest or {}).get("listing_sha256", "no-manifest")
+        return f"array:{list(self._array.shape)}:{self._array.dtype}:{listing}"
+
     def as_uint8_tensor(self) -> Tensor:
         # a copy: with one channel the transpose is already contiguous and would stay on the read-only map
         return torch.from_numpy(np.array(self._array.transpose(0, 3, 1, 2), order="C", copy=True))
@@ -480,6 +521,10 @@ class DigitsDataset(ImageDataset):
 
     def _decode(self, index: int) -> Tensor:
         return self.images[index]
+
+    @property
+    def fingerprint(self) -> str:
+        return "sklearn-digits"  # shipped inside scikit-learn: the same everywhere
 
     def as_uint8_tensor(self) -> Tensor:
         return self.images

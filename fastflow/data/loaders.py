@@ -149,6 +149,18 @@ class ShardPlan:
 
 
 # ------------------------------------------------------------------------------ base loader
+# The config key behind each plan parameter (shuffle and drop_last are the caller's arguments).
+_PLAN_CONFIG_KEYS = {"batch_size": "training.batch_size", "seed": "infrastructure.seed", "augment": "data.augment"}
+
+
+def _restore_hint(param: str, saved: Any) -> str:
+    """What to set back for a plan parameter that differs from the checkpoint's."""
+    if param == "num_samples":
+        return f"the dataset under data.root to its {saved} images"
+    value = str(saved).lower() if isinstance(saved, bool) else saved  # as a key=value override takes it
+    return f"{_PLAN_CONFIG_KEYS.get(param, param)}={value}"
+
+
 class _ResumableLoader:
     """Position bookkeeping, state dict and the infinite-iterator protocol."""
 
@@ -169,6 +181,13 @@ class _ResumableLoader:
     def __len__(self) -> int:
         """Batches per epoch (iteration itself never ends)."""
         return self.plan.batches_per_epoch
+
+    @property
+    def fingerprint(self) -> Optional[str]:
+        """The dataset's fingerprint (which files, in which order), for comparing ranks; None for
+        a loader over bare tensors."""
+        dataset = getattr(self, "dataset", None)
+        return dataset.fingerprint if dataset is not None else None
 
     @property
     def batches_seen(self) -> int:
@@ -201,8 +220,11 @@ class _ResumableLoader:
         if differ:
             detail = ", ".join(f"{k}: saved {a!r} vs now {b!r}" for k, (a, b) in differ.items())
             if strict:
-                raise ValueError(f"data loader state does not fit this loader ({detail}); "
-                                 f"load with strict=False to resume approximately")
+                restore = ", ".join(_restore_hint(k, a) for k, (a, _) in differ.items() if k != "world_size")
+                raise ValueError(
+                    f"data loader state does not fit this loader ({detail}); to resume exactly, set back "
+                    f"{restore or 'the world size'}; a change of world size is the only change resumed "
+                    f"approximately")
             warnings.warn(f"data loader resumed approximately ({detail})", RuntimeWarning, stacklevel=2)
             seen = batch * int(state.get("batch_size", self.batch_size)) * int(state.get("world_size", 1))
             batch = min(seen // (self.batch_size * self.plan.world_size), self.plan.batches_per_epoch - 1)
