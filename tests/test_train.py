@@ -617,3 +617,62 @@ def test_oom_writes_a_memory_snapshot_and_reraises(tiny_config, monkeypatch, cap
     err = capsys.readouterr().err
     assert str(snapshot) in err and ("allocator state only" in err) == (not history)
     assert calls["record"] == int(history)
+
+
+def test_bad_image_mid_run_checkpoints_and_resumes_with_skip(tiny_config, tmp_path):
+    """data.on_bad_image=error meeting an unreadable file at step 2: the error names the file and
+    how to go on, the two steps done are checkpointed, and a resume with skip finishes exactly as a
+    run with skip from the start (the failed batch was not consumed)."""
+    from PIL import Image
+
+    from fastflow.data import BadImageError, epoch_plan
+
+    root = tmp_path / "imgs"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(16):
+        Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(root / f"{k:02d}.png")
+    folder = ["data.dataset=folder", f"data.root={root}", "training.batch_size=4", "training.num_iterations=4"]
+    seed = tiny_config("flow_matching").infrastructure.seed
+    bad = int(epoch_plan(16, seed=seed, epoch=0)[0][2 * 4 + 1])  # in the 3rd batch
+    (root / f"{bad:02d}.png").write_bytes(b"not a png")
+
+    with pytest.raises(BadImageError) as info:
+        Trainer(tiny_config("flow_matching", *folder, "logging.run_name=err"), quiet=True).train()
+    message = str(info.value)
+    assert f"{bad:02d}.png" in message and "set data.on_bad_image=skip to go on with this run" in message
+    assert "changes the dataset size" in message
+    ckpt = Path(tmp_path) / "ckpt" / "err" / "checkpoint_00000002.pt"
+    assert str(ckpt) in message and sorted(p.name for p in ckpt.parent.iterdir()) == [ckpt.name]
+
+    with pytest.warns(RuntimeWarning, match="skipped 1 unreadable"):
+        resumed = Trainer(tiny_config("flow_matching", *folder, "logging.run_name=err", "data.on_bad_image=skip"),
+                          resume="auto", quiet=True)
+        assert resumed.step == 2
+        resumed.train()
+        straight = Trainer(tiny_config("flow_matching", *folder, "logging.run_name=skip", "data.on_bad_image=skip"),
+                           quiet=True)
+        straight.train()
+    for key, value in _weights(straight).items():
+        assert torch.equal(value, resumed.method.state_dict()[key]), key
+
+
+@pytest.mark.parametrize("change", ["data.augment=true", "infrastructure.seed=1"])
+def test_failed_resume_names_the_data_keys_to_set_back(tiny_config, change):
+    ckpt = Trainer(tiny_config("flow_matching", "training.num_iterations=1"), quiet=True).train()["checkpoint"]
+    key = change.split("=")[0]
+    with pytest.raises(ckpt_io.CheckpointError, match=rf"set back {key}=.*; config keys that differ from the "
+                                                      rf"checkpoint's: {key} \(checkpoint"):
+        Trainer(tiny_config("flow_matching", change, "training.num_iterations=2"), resume=ckpt, quiet=True)
+
+
+def test_ranks_with_other_files_are_refused():
+    """Node-local copies: different counts keep the size message; the same count with other files
+    (a renamed one) is refused naming the ranks that differ and data.root."""
+    from fastflow.train.loop import check_same_data
+
+    check_same_data([(6, "a"), (6, "a")], "/data")
+    with pytest.raises(ValueError, match="rank 0: 6, rank 1: 5.*data.root=/data.*same data"):
+        check_same_data([(6, "a"), (5, "b")], "/data")
+    with pytest.raises(ValueError, match=r"rank\(s\) 1, 3 see other files than rank 0 under data.root=/data"):
+        check_same_data([(6, "a"), (6, "b"), (6, "a"), (6, "c")], "/data")

@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from fastflow.config import Config, ConfigError, config_to_dict
+from fastflow.data.datasets import BadImageError
 from fastflow.methods import create_method_from_config
 from fastflow.ops import reference_only
 from fastflow.train import checkpoint as ckpt_io
@@ -69,8 +70,8 @@ def autocast_context(config: Config, device: torch.device):
 # Keys that change what a checkpoint holds or how the data position is read; a resumed run that
 # differs in one of them cannot load it.
 _RESUME_SENSITIVE = ("method", "model.", "data.image_size", "data.channels", "data.dataset", "data.root",
-                     "training.batch_size", "ddpm.", "flow_matching.", "flow_map_matching.num_timesteps",
-                     "infrastructure.parallelism")
+                     "data.augment", "training.batch_size", "infrastructure.seed", "ddpm.", "flow_matching.",
+                     "flow_map_matching.num_timesteps", "infrastructure.parallelism")
 
 
 # Keys that define the network and the objective's buffers: a checkpoint trained with other
@@ -113,6 +114,25 @@ def _flatten(tree: Any, prefix: str = "") -> Dict[str, Any]:
     for key, value in tree.items():
         out.update(_flatten(value, f"{prefix}{key}."))
     return out
+
+
+def check_same_data(per_rank: List[Tuple[int, Optional[str]]], root: Any) -> None:
+    """Every rank's ``(dataset size, fingerprint)`` must agree: ranks shard one index range, so
+    node-local copies that differ (a file missing, or renamed) would make the shards overlap or
+    miss images. ValueError naming the ranks that differ and ``data.root``."""
+    sizes = [size for size, _ in per_rank]
+    if len(set(sizes)) > 1:
+        raise ValueError(
+            f"ranks see datasets of different sizes ({', '.join(f'rank {r}: {n}' for r, n in enumerate(sizes))}) "
+            f"under data.root={root}: every rank must read the same data"
+        )
+    prints = [fingerprint for _, fingerprint in per_rank]
+    differ = [r for r, fingerprint in enumerate(prints) if fingerprint != prints[0]]
+    if differ:
+        raise ValueError(
+            f"rank(s) {', '.join(map(str, differ))} see other files than rank 0 under data.root={root} "
+            f"(same count, {sizes[0]}, but other names or order): every rank must read the same data"
+        )
 
 
 def _config_differences(saved: Optional[Dict[str, Any]], config: Config) -> str:
@@ -196,12 +216,9 @@ class Trainer:
         )
         # Every rank shards the same index range: a node-local copy that differs by one file would
         # make the shards overlap or miss images (and a resume fail on some ranks only).
-        sizes = all_gather_object(self.loader.plan.num_samples)
-        if len(set(sizes)) > 1:
-            raise ValueError(
-                f"ranks see datasets of different sizes ({', '.join(f'rank {r}: {n}' for r, n in enumerate(sizes))}) "
-                f"under data.root={config.data.root}: every rank must read the same data"
-            )
+        if self.ctx.world_size > 1:  # the fingerprint hashes the file list: only where it is compared
+            check_same_data(all_gather_object((self.loader.plan.num_samples, self.loader.fingerprint)),
+                            config.data.root)
         self.step = 0
         self.images_seen = 0
         self._fixed_batch: Optional[torch.Tensor] = None
@@ -558,7 +575,10 @@ class Trainer:
         self.method.train()
         try:
             while self.step < total:
-                batch = self._next_batch()
+                try:
+                    batch = self._next_batch()
+                except BadImageError as exc:  # data.on_bad_image=error met an unreadable file
+                    raise self._stopped_by_bad_image(exc) from exc
                 torch.manual_seed(step_seed(cfg.infrastructure.seed, self.ctx.rank, self.step))
                 t_step = time.perf_counter()
                 metrics = self._train_step(batch)
@@ -636,6 +656,18 @@ class Trainer:
             f"  TensorBoard: tensorboard --logdir {summary['tensorboard']}"
         )
         return summary
+
+    def _stopped_by_bad_image(self, exc: BadImageError) -> BadImageError:
+        """The error to raise for an unreadable file met mid-run, after checkpointing the steps done.
+        The failed batch was not consumed (a loader advances only past a batch it returns), so the
+        checkpoint resumes at that very batch."""
+        saved = ""
+        # Under several ranks only this one met the file: a save (collective under FSDP) would hang.
+        if self.ctx.world_size == 1 and self.step > 0:
+            saved = f"; steps so far checkpointed: {self.save_checkpoint()}"
+        return BadImageError(
+            f"{exc}{saved}; set data.on_bad_image=skip to go on with this run (`--resume auto`); deleting the "
+            f"file changes the dataset size, which the checkpoint's data position refuses")
 
     def _maybe_inject_fault(self) -> None:
         spec = os.environ.get(FAULT_INJECT_ENV)
