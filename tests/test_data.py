@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import types
 import warnings
@@ -367,7 +368,7 @@ def test_prepare_folder_round_trip(image_tree, tmp_path):
 
 
 def test_prepare_cli_manifest_and_staleness(image_tree, tmp_path, capsys):
-    from fastflow.data.prepare import check_prepared, main, read_manifest
+    from fastflow.data.prepare import check_prepared, main, manifest_path, read_manifest
 
     dst = tmp_path / "out" / "prepared.npy"
     assert main([str(image_tree), str(dst), "--image-size", "16"]) == 0
@@ -379,6 +380,12 @@ def test_prepare_cli_manifest_and_staleness(image_tree, tmp_path, capsys):
     assert main([str(image_tree), str(dst), "--image-size", "16"]) == 0  # up to date: nothing done
     assert "nothing to do" in capsys.readouterr().out
     assert any("image_size=16, not 32" in r for r in check_prepared(dst, image_size=32))
+    old = dict(manifest)  # prepared before the decoder version was kept (EXIF not applied)
+    del old["decoder"]
+    manifest_path(dst).write_text(json.dumps(old))
+    assert [r for r in check_prepared(dst) if "decoder version 1" in r and "EXIF" in r]
+    assert main(["--check", str(dst)]) == 1
+    manifest_path(dst).write_text(json.dumps(manifest))
 
     _solid((1, 2, 3), (16, 16)).save(image_tree / "b" / "new.png")  # the folder grows
     reasons = check_prepared(dst)

@@ -30,7 +30,12 @@ from fastflow.io import atomic_write
 from .datasets import MANIFEST_FORMAT, BadImageError, ImageFolderDataset, list_image_files, manifest_path, read_manifest
 from .loaders import build_uint8_cache
 
-__all__ = ["prepare_folder", "check_prepared", "manifest_path", "read_manifest", "main"]
+__all__ = ["prepare_folder", "check_prepared", "manifest_path", "read_manifest", "main", "DECODER_VERSION"]
+
+# What decoding does to a file, as a number the manifest keeps: raise it whenever a change of
+# decode_image_file would give other pixels, so that `--check` reports arrays decoded the old way.
+#   1: center crop + bicubic resize;  2: EXIF orientation applied first (photos upright).
+DECODER_VERSION = 2
 
 def _listing_digest(root: Path, files: Sequence[Path]) -> str:
     """sha256 over (relative path, size, mtime_ns) of every file: changes when any file is added,
@@ -64,6 +69,10 @@ def check_prepared(
     for key, want in (("image_size", image_size), ("channels", channels)):
         if want is not None and manifest[key] != want:
             reasons.append(f"prepared with {key}={manifest[key]}, not {want}")
+    decoder = manifest.get("decoder", 1)  # manifests before the version was kept: 1
+    if decoder != DECODER_VERSION:
+        reasons.append(f"decoded by decoder version {decoder}, this fastflow decodes with version {DECODER_VERSION} "
+                       f"(EXIF orientation applied): photos with a rotation tag may be stored sideways")
     try:
         shape = tuple(np.load(dst, mmap_mode="r").shape)
     except (OSError, ValueError) as exc:
@@ -114,6 +123,7 @@ def prepare_folder(
         "source": str(root),
         "image_size": image_size,
         "channels": channels,
+        "decoder": DECODER_VERSION,
         "shape": list(array.shape),
         "num_source_files": len(dataset),
         "listing_sha256": digest,
