@@ -397,6 +397,42 @@ def test_throughput_window_excludes_sampling_and_checkpoints(tiny_config, monkey
         assert metrics["img_per_s"] == pytest.approx(16.0)
 
 
+@pytest.mark.parametrize("log_every", [1, 2])
+def test_compile_step_is_not_throughput(tiny_config, monkeypatch, log_every):
+    """Under torch.compile the first step is the compile (here faked as 50 s on a fake clock, steps
+    1 s each): it leaves the throughput window; a window holding only it logs no img/s at all."""
+    from fastflow.train import loop
+
+    clock = [0.0]
+
+    class FakeTime:
+        perf_counter = staticmethod(lambda: clock[0])
+        strftime = staticmethod(loop.time.strftime)
+
+    monkeypatch.setattr(loop, "time", FakeTime)
+    monkeypatch.setattr(loop, "compile_scope", lambda cfg: "model")  # as if compiled; runs eagerly
+    trainer = Trainer(tiny_config("flow_matching", "training.num_iterations=4", f"training.log_every={log_every}"),
+                      quiet=True)
+    step, calls = trainer._train_step, []
+
+    def timed(batch):
+        out = step(batch)
+        clock[0] += 50.0 if not calls else 1.0
+        calls.append(1)
+        return out
+
+    monkeypatch.setattr(trainer, "_train_step", timed)
+    logged = []
+    monkeypatch.setattr(trainer, "_report", lambda metrics, progress: logged.append(metrics))
+    trainer.train()
+    assert len(logged) == 4 // log_every and all("loss" in m for m in logged)
+    timed_windows = logged[1:] if log_every == 1 else logged
+    if log_every == 1:
+        assert "img_per_s" not in logged[0] and "mfu" not in logged[0]
+    for metrics in timed_windows:
+        assert metrics["img_per_s"] == pytest.approx(16.0), metrics
+
+
 def test_logged_metrics_are_window_means(tiny_config, monkeypatch):
     """Each log line averages its window's steps (one rank here; the mean over ranks is one
     all-reduce of the same vector), not the last step's noisy value."""
@@ -584,6 +620,56 @@ def test_profiler_writes_a_tensorboard_trace_with_shapes_and_memory(tiny_config)
     assert any("Input Dims" in e.get("args", {}) for e in events), "record_shapes: no input shapes in the trace"
     assert any(e.get("name") == "[memory]" for e in events), "profile_memory: no memory events in the trace"
     assert any(e.get("name") == "aten::convolution" for e in events)
+
+
+def test_resumed_tensorboard_keeps_the_checkpoint_steps_events(tiny_config):
+    """A run resumed from step 2 (after its predecessor reached step 4) purges the events after
+    step 2 and keeps step 2's own: each logged step appears once, none is lost."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = tiny_config("flow_matching", "training.num_iterations=4", "logging.tensorboard=true",
+                      "training.log_every=2", "training.save_every=2", "training.sample_every=100")
+    first = Trainer(cfg, quiet=True)
+    first.train()
+    resumed = Trainer(cfg, resume=str(first.ckpt_dir / "checkpoint_00000002.pt"), quiet=True)
+    assert resumed.step == 2
+    resumed.train()
+    acc = EventAccumulator(str(first.run_dir / "tensorboard"))
+    acc.Reload()
+    assert [event.step for event in acc.Scalars("train/loss")] == [2, 4]
+
+
+def test_profile_schedule_fits_the_steps_left():
+    from fastflow.train.loop import profile_schedule
+
+    assert profile_schedule(2, 2, 3, 100) == (2, 2, 3) and profile_schedule(2, 2, 3, 7) == (2, 2, 3)
+    assert profile_schedule(2, 2, 3, 5) == (0, 2, 3)  # the wait goes first
+    assert profile_schedule(2, 2, 3, 3) == (0, 2, 1)  # then the active steps, down to one
+    assert profile_schedule(2, 2, 3, 1) == (0, 0, 1)  # then the warmup
+    for steps in range(1, 9):
+        for asked in ((1, 1, 2), (0, 0, 1), (3, 0, 4), (0, 5, 2)):
+            got = profile_schedule(*asked, steps)
+            assert sum(got) <= steps and got[2] >= 1 and all(g <= a for g, a in zip(got, asked)), (asked, steps, got)
+
+
+@pytest.mark.parametrize("steps", [2, 3])
+def test_profiler_on_a_run_shorter_than_its_schedule(tiny_config, steps, capsys):
+    """A run with fewer steps than wait+warmup+active still writes a trace, of real training steps
+    only (before: none at 2 steps, and a last ProfilerStep holding no training step), and says
+    how it shrank the schedule."""
+    import json
+
+    cfg = tiny_config("flow_matching", f"training.num_iterations={steps}", "logging.profile=true",
+                      "logging.profile_wait=1", "logging.profile_warmup=1", "logging.profile_active=2")
+    trainer = Trainer(cfg, quiet=False)
+    trainer.train()
+    assert "profiling with wait=0" in capsys.readouterr().out
+    traces = sorted((trainer.run_dir / "profile").glob("*.pt.trace.json"))
+    assert len(traces) == 1, traces
+    events = json.loads(traces[0].read_text())["traceEvents"]
+    names = {e["name"] for e in events if e.get("name", "").startswith("ProfilerStep#")}
+    assert names == {f"ProfilerStep#{i}" for i in range(1, steps)}, names  # step 0 warms up
+    assert sum(e.get("name") == "aten::convolution" for e in events) > 0
 
 
 @pytest.mark.parametrize("history", [False, True])

@@ -553,9 +553,10 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step: a resumed run drops the events its predecessor logged after the
-            # checkpoint, so the curves do not fold back over themselves.
+            # checkpoint (steps > self.step), so the curves do not fold back over themselves; the
+            # checkpoint step's own events (logged before it was saved) stay.
             self.writer = SummaryWriter(str(self.run_dir / "tensorboard"),
-                                        purge_step=self.step if self.resume_path is not None else None)
+                                        purge_step=self.step + 1 if self.resume_path is not None else None)
             self.writer.add_text("config", "```\n" + _yaml_dump(config_to_dict(cfg)) + "\n```", self.step)
         self._install_signal_handlers()
         self._log(
@@ -564,7 +565,11 @@ class Trainer:
             f"{'resumed from ' + str(self.resume_path) + ' at step ' + str(self.step) if self.resume_path else 'fresh start'}"
         )
         self._data_iter = iter(self.loader)
-        profiler = _make_profiler(cfg, self.run_dir, self.device) if cfg.logging.profile else None
+        profiler = None
+        if cfg.logging.profile:
+            profiler, note = _make_profiler(cfg, self.run_dir, self.device, total - self.step)
+            if note:
+                self._log(note)
         progress = _progress_bar(total, self.step, enabled=cfg.logging.progress_bar and self.ctx.is_main and not self.quiet)
         last_metrics: Dict[str, float] = {}
         window_start, window_images, window_paused = time.perf_counter(), 0, 0.0
@@ -590,11 +595,14 @@ class Trainer:
                     for k, v in metrics.items():
                         window_sums[k].add_(v.detach())
                 window_steps += 1
+                global_batch = batch.shape[0] * self.ctx.world_size
                 if compile_seconds is None and compile_scope(cfg) != "none":
                     compile_seconds = time.perf_counter() - t_step  # first step = compile + run
                     self._log(f"compile ({compile_scope(cfg)}): first step took {compile_seconds:.1f}s")
+                    # Not throughput: the step leaves the window (its losses stay in the means).
+                    window_paused += compile_seconds
+                    window_images -= global_batch
                 self.step += 1
-                global_batch = batch.shape[0] * self.ctx.world_size
                 self.images_seen += global_batch
                 window_images += global_batch
                 if profiler is not None:
@@ -679,12 +687,13 @@ class Trainer:
             os._exit(17)
 
     def _perf(self, images: int, seconds: float) -> Dict[str, float]:
-        perf: Dict[str, float] = {
-            "img_per_s": images / max(seconds, 1e-9),
-            "sec_per_1k_img": 1000.0 * seconds / max(images, 1),
-            "lr": self.optimizer.param_groups[0]["lr"],
-        }
-        if self.flops_per_step and self.peak_flops:
+        """Throughput of a window (none when it timed no image: a window holding only the compile
+        step), the learning rate and the peak memory so far."""
+        perf: Dict[str, float] = {"lr": self.optimizer.param_groups[0]["lr"]}
+        if images > 0:
+            perf["img_per_s"] = images / max(seconds, 1e-9)
+            perf["sec_per_1k_img"] = 1000.0 * seconds / images
+        if "img_per_s" in perf and self.flops_per_step and self.peak_flops:
             steps_per_s = perf["img_per_s"] / (self.config.training.batch_size * self.ctx.world_size)
             perf["mfu"] = self.flops_per_step * self.ctx.world_size * steps_per_s / (self.peak_flops * self.ctx.world_size)
         mem = peak_memory_bytes(self.device)
@@ -702,7 +711,8 @@ class Trainer:
             self.writer.add_scalar("train/images_seen", self.images_seen, self.step)
         keys = [k for k in ("loss", "derivative_loss", "reconstruction_loss", "current_gap", "grad_norm") if k in metrics]
         line = f"step {self.step:>7d} | " + " | ".join(f"{k} {metrics[k]:.4g}" for k in keys)
-        line += f" | {metrics['img_per_s']:.1f} img/s | {metrics['sec_per_1k_img']:.2f} s/1k img"
+        if "img_per_s" in metrics:
+            line += f" | {metrics['img_per_s']:.1f} img/s | {metrics['sec_per_1k_img']:.2f} s/1k img"
         if "mfu" in metrics:
             line += f" | MFU {100 * metrics['mfu']:.1f}%"
         if "peak_mem_gb" in metrics:
@@ -728,22 +738,43 @@ def _progress_bar(total: int, initial: int, enabled: bool):
                 mininterval=0.5 if sys.stderr.isatty() else 10.0, file=sys.stderr)
 
 
-def _make_profiler(config: Config, run_dir: Path, device: torch.device):
-    """torch.profiler on a wait/warmup/active schedule with shapes and memory → TensorBoard traces."""
+def profile_schedule(wait: int, warmup: int, active: int, steps_left: int) -> Tuple[int, int, int]:
+    """The (wait, warmup, active) that fits the ``steps_left`` steps of this run. A schedule longer
+    than the run would end with no trace (stopped while waiting or warming up) or with a last
+    ``ProfilerStep`` that holds no training step (stopped while recording): shrink the wait first,
+    then the active steps (down to one), then the warmup."""
+    if steps_left <= 0 or wait + warmup + active <= steps_left:
+        return wait, warmup, active
+    warmup = min(warmup, steps_left - 1)
+    active = min(active, steps_left - warmup)
+    return steps_left - warmup - active, warmup, active
+
+
+def _make_profiler(config: Config, run_dir: Path, device: torch.device, steps_left: int):
+    """torch.profiler on a wait/warmup/active schedule with shapes and memory → TensorBoard traces.
+    Returns ``(profiler or None when no step is left, a note when the schedule had to shrink)``."""
     from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    if steps_left <= 0:
+        return None, "logging.profile: no training step left to profile"
     log = config.logging
+    asked = (log.profile_wait, log.profile_warmup, log.profile_active)
+    wait, warmup, active = profile_schedule(*asked, steps_left)
+    note = None
+    if (wait, warmup, active) != asked:
+        note = (f"logging.profile: {steps_left} steps left, fewer than profile_wait+profile_warmup+profile_active "
+                f"= {sum(asked)}; profiling with wait={wait}, warmup={warmup}, active={active}")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     prof = profile(
         activities=activities,
-        schedule=schedule(wait=log.profile_wait, warmup=log.profile_warmup, active=log.profile_active, repeat=1),
+        schedule=schedule(wait=wait, warmup=warmup, active=active, repeat=1),
         on_trace_ready=tensorboard_trace_handler(str(run_dir / "profile")),
         record_shapes=True,
         profile_memory=True,
         with_stack=False,
     )
     prof.start()
-    return prof
+    return prof, note
 
 
 def train_from_config(config: Config, *, resume: Optional[str] = None, overfit: bool = False, quiet: bool = False) -> Dict[str, Any]:
