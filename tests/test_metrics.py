@@ -23,7 +23,10 @@ def test_count_flops_linear_forward_and_backward():
     ("NVIDIA H200", 989.4e12), ("NVIDIA GH200 480GB", 989.4e12), ("NVIDIA H100 80GB HBM3", 989.4e12),
     ("NVIDIA H100 PCIe", 756.0e12), ("NVIDIA H200 NVL", 835.0e12), ("NVIDIA H100 NVL", 835.0e12),
     ("NVIDIA A100-SXM4-80GB", 312.0e12), ("NVIDIA A10G", 70.0e12),
-    ("NVIDIA A10", 125.0e12), ("Tesla T4", None),
+    ("NVIDIA A10", 125.0e12), ("Tesla T4", None), ("NVIDIA A100 80GB PCIe", 312.0e12),
+    ("NVIDIA GeForce RTX 4090", 165.2e12), ("NVIDIA L40S", 362.1e12),
+    # names that hold a key as a substring only: no peak (before: the A100's, the A10's, the H100's)
+    ("NVIDIA RTX A1000", None), ("NVIDIA RTX A10000", None), ("NVIDIA RTX A6000", None), ("NVIDIA XH1000", None),
 ])
 def test_peak_flops_by_device_name(name, peak):
     assert peak_flops_for_name(name) == peak

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import re
 from typing import Callable, Optional
 
 import torch
 
-# Dense bf16 tensor-core peaks (FLOP/s) from vendor datasheets, matched in order (most specific
-# first) on the lower-cased device name. The one table: bench/utils.py uses it too.
+# Dense bf16 tensor-core peaks (FLOP/s) from vendor datasheets. A key is a run of whole words of
+# the lower-cased device name (words split at anything but letters and digits), tried in order,
+# most specific first: "a100" matches "NVIDIA A100-SXM4-80GB" but not "NVIDIA RTX A1000", "a10"
+# not "A10G". The one table: bench/utils.py uses it too.
 PEAK_BF16_FLOPS = (
     ("h200 nvl", 835.0e12),  # PCIe card at 600 W (NVIDIA H200 NVL)
-    ("h200", 989.4e12),      # SXM; also GH200
+    ("h200", 989.4e12),      # SXM
+    ("gh200", 989.4e12),     # Grace Hopper: the H200/H100 SXM tensor cores
     ("h100 nvl", 835.0e12),
     ("h100 pcie", 756.0e12),
     ("h100", 989.4e12),      # SXM
@@ -22,11 +26,16 @@ PEAK_BF16_FLOPS = (
 )
 
 
+def _words(text: str) -> list:
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
 def peak_flops_for_name(name: str) -> Optional[float]:
     """The datasheet dense bf16 peak of a GPU by its name, or None where unknown."""
-    name = name.lower()
+    words = _words(name)
     for key, peak in PEAK_BF16_FLOPS:
-        if key in name:
+        key_words = _words(key)
+        if any(words[i:i + len(key_words)] == key_words for i in range(len(words) - len(key_words) + 1)):
             return peak
     return None
 
