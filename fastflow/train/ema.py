@@ -69,14 +69,28 @@ class EMA:
                 "shadow": {n: t for n, t in self.shadow.items()}}
 
     def load_state_dict(self, state: Dict[str, object]) -> None:
-        shadow = state["shadow"]
-        missing = set(self.names) - set(shadow)
-        if missing:
-            raise KeyError(f"EMA state is missing parameters: {sorted(missing)[:5]} ...")
-        self.step = int(state["step"])
+        """Load shadows (full tensors, or DTensors of any placement) and the update count. The
+        shadows must name exactly this model's trainable parameters, each of its (global) shape:
+        else ``KeyError`` / ``ValueError`` naming them, and nothing is changed. Broadcasting a
+        wrong-shaped shadow into place would give a silently wrong average."""
+        shadow = state.get("shadow") if isinstance(state, dict) else None
+        if not isinstance(shadow, dict) or "step" not in state:
+            raise KeyError(f"EMA state needs 'shadow' (a dict) and 'step', got keys "
+                           f"{sorted(state) if isinstance(state, dict) else type(state).__name__}")
+        missing = sorted(set(self.names) - set(shadow))
+        unexpected = sorted(set(shadow) - set(self.names))
+        if missing or unexpected:
+            raise KeyError(f"EMA state does not fit this model: missing {missing[:5]}{' ...' if len(missing) > 5 else ''}"
+                           f", unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+        wrong = [f"{n}: {tuple(shadow[n].shape)} vs {tuple(self.shadow[n].shape)}" for n in self.names
+                 if tuple(shadow[n].shape) != tuple(self.shadow[n].shape)]  # DTensor .shape is global
+        if wrong:
+            raise ValueError(f"EMA shadows of other shapes than this model's parameters "
+                             f"(saved vs now): {'; '.join(wrong[:5])}{' ...' if len(wrong) > 5 else ''}")
         with torch.no_grad():
             for n in self.names:
                 self.shadow[n].copy_(_like(shadow[n], self.shadow[n]))
+        self.step = int(state["step"])
 
 
 def _like(source: Tensor, target: Tensor) -> Tensor:
