@@ -120,7 +120,7 @@ class InfrastructureConfig:
     num_gpus: int = 1  # informational: torchrun sets the world size
     mixed_precision: bool = True
     precision: str = "bf16"  # bf16 | fp16 (GradScaler) | fp32; used when mixed_precision
-    compile_model: bool = False  # course name; same as compile: block
+    compile_model: bool = False  # course name: compile: block when compile is none; compile wins otherwise
     compile: str = "none"  # none | block | step
     compile_mode: str = "default"  # torch.compile mode
     parallelism: str = "none"  # none | ddp | fsdp
@@ -270,6 +270,9 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     if tp is str:
         if isinstance(value, str):
             return value
+        if key in _CHOICES:
+            hint = " (YAML reads true/false/yes/no/on/off as booleans)" if isinstance(value, bool) else ""
+            raise ConfigError(f"{source}: {key} = {value!r} is not one of {', '.join(_CHOICES[key])}{hint}")
         raise ConfigError(f"{source}: {key} must be a string, got {value!r}")
     return value
 

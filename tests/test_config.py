@@ -153,6 +153,14 @@ def test_override_wrong_type_names_key_and_value() -> None:
             load_config(None, [bad])
 
 
+def test_a_boolean_for_a_choice_lists_the_choices() -> None:
+    """`compile: true` (YAML reads it as a boolean) names the key, the choices and why."""
+    with pytest.raises(ConfigError, match=r"infrastructure\.compile = True is not one of none, block, step \(YAML reads"):
+        load_config(None, ["infrastructure.compile=true"])
+    with pytest.raises(ConfigError, match=r"infrastructure\.parallelism = 3 is not one of none, ddp, fsdp$"):
+        load_config(None, ["infrastructure.parallelism=3"])
+
+
 @pytest.mark.parametrize("bad", [
     "training.gradient_clip_norm=0", "training.gradient_clip_norm=-1", "training.learning_rate=.nan",
     "training.learning_rate=-1e-4", "training.ema_decay=1.5", "training.ema_decay=1", "training.betas=[0.9, 1.5]",
