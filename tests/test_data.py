@@ -227,6 +227,42 @@ def test_exif_orientation_is_applied(tmp_path):
         assert image[:, :12].min() > 230 and image[:, -12:].max() < 25, (dataset, image[0, :, 0].tolist())
 
 
+def test_dali_decodes_exif_rotated_photos_upright(tmp_path):
+    """DALI's decoder (CPU here; nvJPEG on CUDA takes the same argument) turns the phone JPEG
+    upright as the PIL loaders do: the two loaders agree on the first batch."""
+    pytest.importorskip("nvidia.dali")
+    sensor = np.zeros((32, 64, 3), np.uint8)
+    sensor[:, :32] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to view: the top half is white upright
+    for i in range(4):
+        Image.fromarray(sensor).save(tmp_path / f"phone{i}.jpg", exif=exif, quality=95)
+    dali = _folder_loader(tmp_path, "dali", "data.augment=false")
+    reference = _folder_loader(tmp_path, "torch", "data.augment=false")
+    a, b = next(dali), next(reference)
+    assert a[:, :, :6].min() > 0.8 and a[:, :, -6:].max() < -0.8, a[0, 0, :, 0]
+    assert ((a - b).abs() * 127.5).mean() < 5
+
+
+def test_hub_fingerprint_uses_the_arrow_fingerprint():
+    """Two node-local copies of a Hub dataset of one size but other content (other data files, or
+    a different map()) carry other Arrow fingerprints: the ranks' check must see that."""
+
+    class Rows(list):
+        column_names = ["image"]
+
+    def rows(fingerprint):
+        data = Rows([{"image": None}] * 3)
+        if fingerprint is not None:
+            data._fingerprint = fingerprint
+        return data
+
+    same = [HubDataset("faces", data=rows("abc")).fingerprint for _ in range(2)]
+    assert same[0] == same[1] and "abc" in same[0]
+    assert HubDataset("faces", data=rows("abd")).fingerprint != same[0]
+    assert HubDataset("faces", data=rows(None)).fingerprint == "hub:faces[train]:3"
+
+
 def test_fingerprints_tell_copies_apart(tmp_path):
     """Ranks compare fingerprints: the same listing gives the same one, one renamed file (same
     count) another; a prepared array's depends on its shape and its manifest's listing."""

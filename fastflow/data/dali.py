@@ -121,6 +121,7 @@ class DaliLoader(_ResumableLoader):
             images = fn.decoders.image(
                 encoded, device="mixed" if on_gpu else "cpu",
                 output_type=types.GRAY if self.dataset.channels == 1 else types.RGB,
+                adjust_orientation=True,  # EXIF orientation applied, as the PIL decoders do (upright)
             )
             images = fn.resize(images, size=[size, size], mode="not_smaller", antialias=True)
             return fn.crop_mirror_normalize(

@@ -337,6 +337,16 @@ class HubDataset(ImageDataset):
         if len(data) == 0:
             raise DatasetUnavailableError(f"{self.source} has no rows")
 
+    @property
+    def fingerprint(self) -> str:
+        """The Arrow dataset's own fingerprint (``datasets`` hashes its data files and every
+        transform applied; ``save_to_disk`` keeps it), with the split and size; the source's name
+        and size for data without one."""
+        own = getattr(self._data, "_fingerprint", None)
+        if own is None:
+            return super().fingerprint
+        return f"hub:{self.split}:{len(self)}:{own}"
+
     @classmethod
     def from_disk(cls, path: str | os.PathLike, split: str = "train", **kwargs: Any) -> "HubDataset":
         """A dataset written by ``datasets.save_to_disk`` (a ``DatasetDict`` or a ``Dataset``)."""
