@@ -43,7 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--use_ema", action="store_true", help="sample with the EMA weights")
     p.add_argument("--output", default="samples.png", help=".png grid or .npz raw uint8 (N, H, W, C)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--batch_size", type=int, default=None,
+                   help="images per sampler call (default: the checkpoint config's sampling.batch_size)")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     args = p.parse_args(argv)
     for name in ("num_samples", "batch_size", "num_steps"):
@@ -140,6 +141,7 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     image_shape = (config.data.channels, config.data.image_size, config.data.image_size)
+    batch_size = args.batch_size or config.sampling.batch_size
     kwargs = {}
     if args.method.startswith("DDIM"):
         kwargs = {"sampler": "ddim", "num_steps": args.num_steps or 100,
@@ -160,8 +162,8 @@ def main(argv=None) -> int:
     chunks = []
     start = time.perf_counter()
     with torch.no_grad():
-        for first in range(0, args.num_samples, args.batch_size):
-            n = min(args.batch_size, args.num_samples - first)
+        for first in range(0, args.num_samples, batch_size):
+            n = min(batch_size, args.num_samples - first)
             # the stochastic samplers' per-step noise: one stream per batch, seeded by where it starts
             generator = torch.Generator(device=device).manual_seed(_seed(args.seed, first, 1))
             noise = start_noise(args.seed, first, n, image_shape, device)

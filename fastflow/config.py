@@ -108,7 +108,7 @@ class FlowMapMatchingConfig:
 @dataclass
 class SamplingConfig:
     num_steps: int = 20
-    batch_size: int = 16
+    batch_size: int = 16  # images per sampler call: the training grids, and sample.py's default --batch_size
     eta: float = 0.0  # DDIM
     solver: str = "euler"  # FlowMatching: euler | midpoint | heun
 

@@ -762,3 +762,35 @@ def test_ranks_with_other_files_are_refused():
         check_same_data([(6, "a"), (5, "b")], "/data")
     with pytest.raises(ValueError, match=r"rank\(s\) 1, 3 see other files than rank 0 under data.root=/data"):
         check_same_data([(6, "a"), (6, "b"), (6, "a"), (6, "c")], "/data")
+
+
+def test_sampling_batch_size_sets_the_grid_chunks_and_sample_cli_default(tiny_config, sample_checkpoints,
+                                                                        monkeypatch, tmp_path):
+    """sampling.batch_size is the number of images per sampler call: the training grid of
+    training.num_samples images and sample.py without --batch_size (its checkpoint's value)."""
+    from fastflow.methods.flow_matching import FlowMatching
+
+    calls = []
+    original = FlowMatching.sample
+
+    def recording(self, batch_size, image_shape, **kwargs):
+        calls.append(batch_size)
+        return original(self, batch_size, image_shape, **kwargs)
+
+    monkeypatch.setattr(FlowMatching, "sample", recording)
+    trainer = Trainer(tiny_config("flow_matching", "training.num_samples=8", "sampling.batch_size=3",
+                                  "sampling.num_steps=2"), quiet=True)
+    path = trainer.sample_grid("chunks")
+    assert calls == [3, 3, 2] and path.is_file()
+
+    calls.clear()
+    ckpt = sample_checkpoints["flow_matching"]
+    saved = torch.load(ckpt, weights_only=False)
+    saved["config"]["sampling"]["batch_size"] = 2
+    edited = tmp_path / "checkpoint_00000002.pt"
+    torch.save(saved, edited)
+    code, images = _sample_npz(monkeypatch, tmp_path, str(edited), "FlowMatching", "--num_steps", "2")
+    assert code == 0 and images.shape[0] == 5 and calls == [2, 2, 1]
+    calls.clear()
+    code, _ = _sample_npz(monkeypatch, tmp_path, str(edited), "FlowMatching", "--num_steps", "2", "--batch_size", "4")
+    assert code == 0 and calls == [4, 1]

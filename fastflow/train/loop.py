@@ -506,7 +506,12 @@ class Trainer:
         self.ema.apply_shadow()
         try:
             with autocast_context(self.config, self.device):
-                samples = self.method.sample(n, self.image_shape, generator=gen, **sample_kwargs(self.config))
+                # sampling.batch_size images per sampler call (one generator across the chunks)
+                per_call = self.config.sampling.batch_size
+                samples = torch.cat([
+                    self.method.sample(min(per_call, n - first), self.image_shape, generator=gen,
+                                       **sample_kwargs(self.config))
+                    for first in range(0, n, per_call)])
         finally:
             if sharded:
                 reshard_all(self.method)
