@@ -18,8 +18,10 @@ $(STAMP): setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	$(PIP) install --quiet --disable-pip-version-check --no-build-isolation -e ".[dev]"
 	touch $(STAMP)
 
+# --resume auto: a re-run continues the demo's run (an interrupted one goes on, a finished one
+# says so and writes its final grid again) instead of refusing to start over its checkpoints.
 demo: $(STAMP)
-	$(PY) train.py --config configs/fmm_digits.yaml
+	$(PY) train.py --config configs/fmm_digits.yaml --resume auto
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -794,3 +794,29 @@ def test_sampling_batch_size_sets_the_grid_chunks_and_sample_cli_default(tiny_co
     calls.clear()
     code, _ = _sample_npz(monkeypatch, tmp_path, str(edited), "FlowMatching", "--num_steps", "2", "--batch_size", "4")
     assert code == 0 and calls == [4, 1]
+
+
+def test_console_line_has_lr_and_the_summary_names_tensorboard_only_when_it_is_on(tiny_config, capsys):
+    """The README promises lr in the console; with logging.tensorboard=false the run writes no
+    event files, so its summary must not point at a tensorboard/ folder that does not exist."""
+    for on in (True, False):
+        cfg = tiny_config("flow_matching", "training.num_iterations=2", "training.log_every=1",
+                          "logging.progress_bar=false", f"logging.tensorboard={str(on).lower()}",
+                          f"logging.run_name=tb-{on}")
+        summary = Trainer(cfg).train()
+        out = capsys.readouterr().out
+        step_lines = [line for line in out.splitlines() if line.startswith("step ")]
+        assert len(step_lines) == 2 and all(" | lr " in line for line in step_lines), out
+        assert (summary["tensorboard"] is not None) == on
+        assert ("TensorBoard: tensorboard --logdir" in out) == on, out
+        assert (Path(summary["run_dir"]) / "tensorboard").is_dir() == on
+
+
+def test_resume_auto_of_a_finished_run_says_it_is_complete(tiny_config, capsys):
+    """`make demo` runs with --resume auto: a second run of a finished demo trains nothing and says so."""
+    cfg = tiny_config("flow_matching", "training.num_iterations=2", "logging.progress_bar=false")
+    Trainer(cfg, quiet=True).train()
+    again = Trainer(cfg, resume="auto")
+    summary = again.train()
+    out = capsys.readouterr().out
+    assert summary["step"] == 2 and "is complete (step 2 of training.num_iterations=2)" in out, out

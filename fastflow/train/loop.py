@@ -569,6 +569,10 @@ class Trainer:
             f"world {self.ctx.world_size} | batch {train_cfg.batch_size}/rank | "
             f"{'resumed from ' + str(self.resume_path) + ' at step ' + str(self.step) if self.resume_path else 'fresh start'}"
         )
+        if self.resume_path is not None and self.step >= total:
+            self._log(f"run {self.run_name!r} is complete (step {self.step} of training.num_iterations={total}): "
+                      f"nothing to train; raise training.num_iterations to go on, or set a new logging.run_name "
+                      f"for a new run")
         self._data_iter = iter(self.loader)
         profiler = None
         if cfg.logging.profile:
@@ -660,13 +664,13 @@ class Trainer:
             "checkpoint": str(ckpt_path) if ckpt_path else None,
             "samples": str(grid_path) if grid_path else None,
             "run_dir": str(self.run_dir),
-            "tensorboard": str(self.run_dir / "tensorboard"),
+            "tensorboard": str(self.run_dir / "tensorboard") if cfg.logging.tensorboard else None,
             "metrics": last_metrics,
         }
         self._log(
             ("interrupted at step %d; " % self.step if interrupted else "done; ")
-            + f"checkpoint: {summary['checkpoint']}\n  samples: {summary['samples']}\n"
-            f"  TensorBoard: tensorboard --logdir {summary['tensorboard']}"
+            + f"checkpoint: {summary['checkpoint']}\n  samples: {summary['samples']}"
+            + (f"\n  TensorBoard: tensorboard --logdir {summary['tensorboard']}" if summary["tensorboard"] else "")
         )
         return summary
 
@@ -716,6 +720,8 @@ class Trainer:
             self.writer.add_scalar("train/images_seen", self.images_seen, self.step)
         keys = [k for k in ("loss", "derivative_loss", "reconstruction_loss", "current_gap", "grad_norm") if k in metrics]
         line = f"step {self.step:>7d} | " + " | ".join(f"{k} {metrics[k]:.4g}" for k in keys)
+        if "lr" in metrics:
+            line += f" | lr {metrics['lr']:.3g}"
         if "img_per_s" in metrics:
             line += f" | {metrics['img_per_s']:.1f} img/s | {metrics['sec_per_1k_img']:.2f} s/1k img"
         if "mfu" in metrics:
