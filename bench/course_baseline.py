@@ -12,7 +12,7 @@ needed for it to run at all on fastflow's network:
 - ``model_single`` closes over its per-sample arguments (the guide's listing closes over the whole
   batch's ``x, s, t`` by mistake, which cannot run under ``vmap``).
 
-Not part of the package: it is here to be timed (bench/test_bench_fmm.py, bench/fmm_ratios.py) and
+Not part of the package: it is here to be timed (bench/test_bench_fmm.py, bench/gpu_suite.py) and
 to be checked against the package (tests/test_time_derivative.py).
 """
 

@@ -3,7 +3,7 @@ report what each compiled kernel needs: registers per thread, spill bytes, share
 how many programs fit on one SM.
 
     python bench/kernel_resources.py                         # FM, FMM dual, FMM jvp at the real config
-    python bench/kernel_resources.py --precision bf16,fp32 --heads-dims 32,64,128 --json out.json
+    python bench/kernel_resources.py --precision bf16,fp32 --head-dims 32,64,128 --json out.json
     python bench/kernel_resources.py --check                 # exit 1 on a compile error, a kernel
                                                              # that cannot launch, or (--no-spills) a spill
 

@@ -192,7 +192,7 @@ def attention_dual_reference(
         P = softmax(S),  Ṗ = P ⊙ (Ṡ − rowsum(P ⊙ Ṡ))
         O = P·V,  Ȯ = Ṗ·V + P·V̇
     The softmax is written out (max-subtracted exp / sum) rather than ``torch.softmax`` so that
-    forward-mode AD through it composes with backward (see ENVIRONMENT.md).
+    forward-mode AD through it composes with backward (see ../shared/ENVIRONMENT.md).
     """
     if q.dim() != 4 or k.shape != q.shape[:2] + k.shape[2:] or v.shape[:3] != k.shape[:3]:
         raise ValueError(
