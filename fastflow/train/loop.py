@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -30,6 +31,7 @@ from fastflow.train.distributed import (
     barrier,
     broadcast_object,
     cleanup,
+    distributed_initialized,
     elastic_run_id,
     init_distributed,
     mean_over_ranks,
@@ -196,6 +198,18 @@ class Trainer:
             _check_resume_config(self._resume_state, config, self.resume_path, log=self._log)
         self._saved: Optional[Tuple[int, Optional[Path]]] = None  # (step, path) of the last save
 
+        from fastflow.data import create_dataloader_from_config
+
+        # The data before the DDP/FSDP wrap: a refusal here costs no parameter broadcast.
+        self.loader = create_dataloader_from_config(
+            config, rank=self.ctx.rank, world_size=self.ctx.world_size, seed=infra.seed, device=self.device
+        )
+        # Every rank shards the same index range: a node-local copy that differs by one file would
+        # make the shards overlap or miss images (and a resume fail on some ranks only).
+        if self.ctx.world_size > 1:  # the fingerprint hashes the file list: only where it is compared
+            check_same_data(all_gather_object((self.loader.plan.num_samples, self.loader.fingerprint)),
+                            config.data.root)
+
         self.loss_fn, self.wrapped = build_train_module(self.method, config, self.ctx)
         fused_adam = self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(
@@ -209,16 +223,6 @@ class Trainer:
         use_scaler = infra.mixed_precision and infra.precision == "fp16" and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
 
-        from fastflow.data import create_dataloader_from_config
-
-        self.loader = create_dataloader_from_config(
-            config, rank=self.ctx.rank, world_size=self.ctx.world_size, seed=infra.seed, device=self.device
-        )
-        # Every rank shards the same index range: a node-local copy that differs by one file would
-        # make the shards overlap or miss images (and a resume fail on some ranks only).
-        if self.ctx.world_size > 1:  # the fingerprint hashes the file list: only where it is compared
-            check_same_data(all_gather_object((self.loader.plan.num_samples, self.loader.fingerprint)),
-                            config.data.root)
         self.step = 0
         self.images_seen = 0
         self._fixed_batch: Optional[torch.Tensor] = None
@@ -799,11 +803,12 @@ def train_from_config(config: Config, *, resume: Optional[str] = None, overfit: 
     record_history = config.logging.profile or config.logging.memory_history
     if record_history and torch.cuda.is_available():
         torch.cuda.memory._record_memory_history(max_entries=100_000)
-    trainer = Trainer(config, resume=resume, overfit=overfit, quiet=quiet)
+    trainer: Optional[Trainer] = None
     try:
+        trainer = Trainer(config, resume=resume, overfit=overfit, quiet=quiet)
         return trainer.train()
-    except torch.cuda.OutOfMemoryError:
-        if torch.cuda.is_available():
+    except BaseException as exc:
+        if isinstance(exc, torch.cuda.OutOfMemoryError) and trainer is not None and torch.cuda.is_available():
             snapshot = trainer.run_dir / f"oom_snapshot_rank{trainer.ctx.rank}.pickle"
             snapshot.parent.mkdir(parents=True, exist_ok=True)
             torch.cuda.memory._dump_snapshot(str(snapshot))
@@ -811,6 +816,12 @@ def train_from_config(config: Config, *, resume: Optional[str] = None, overfit: 
                 "; allocator state only: set logging.memory_history=true for allocation stacks")
             print(f"CUDA out of memory; memory snapshot written to {snapshot} (open it at pytorch.org/memory_viz){hint}",
                   file=sys.stderr)
+        if distributed_initialized():
+            # The traceback's frames hold the Trainer (its DDP module, the group's pending work):
+            # freed at interpreter exit, after the group is gone, they abort the process
+            # ("terminate called without an active exception", exit -6 in place of the error).
+            traceback.clear_frames(exc.__traceback__)
         raise
     finally:
+        trainer = None
         cleanup()
