@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from fastflow.io import atomic_write, fsync_dir
+from fastflow.train.distributed import distributed_initialized
 
 CHECKPOINT_RE = re.compile(r"^checkpoint_(\d+)\.pt$")
 STEP_DIR_RE = re.compile(r"^step_(\d+)$")
@@ -243,15 +244,9 @@ def strip_module_prefix(state_dict: Dict[str, Any]) -> Dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------ sharded
-def _dist_ready() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()
-
-
 def _no_dist() -> bool:
     """DCP without a process group (one process): say so, and silence DCP's warning about it."""
-    if not _dist_ready():
+    if not distributed_initialized():
         import warnings
 
         warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
@@ -260,7 +255,7 @@ def _no_dist() -> bool:
 
 
 def _barrier() -> None:
-    if _dist_ready():
+    if distributed_initialized():
         import torch.distributed as dist
 
         dist.barrier()

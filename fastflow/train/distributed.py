@@ -62,14 +62,19 @@ def init_distributed(device_name: str = "auto") -> DistContext:
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
+def distributed_initialized() -> bool:
+    """A default process group is up (torchrun, after :func:`init_distributed`)."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if distributed_initialized():
         dist.barrier()
 
 
 def any_rank_true(flag: bool, device: torch.device) -> bool:
     """True on every rank when ``flag`` is true on any rank (one tiny all-reduce)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not distributed_initialized():
         return flag
     value = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
@@ -78,7 +83,7 @@ def any_rank_true(flag: bool, device: torch.device) -> bool:
 
 def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
     """The element-wise mean of ``values`` over ranks (one all-reduce); ``values`` itself alone."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not distributed_initialized():
         return values
     values = values.clone()
     dist.all_reduce(values, op=dist.ReduceOp.SUM)
@@ -87,7 +92,7 @@ def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
 
 def broadcast_object(obj, src: int = 0):
     """``obj`` from rank ``src`` on every rank (pickled); ``obj`` itself without a process group."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not distributed_initialized():
         return obj
     holder = [obj]
     dist.broadcast_object_list(holder, src=src)
@@ -96,7 +101,7 @@ def broadcast_object(obj, src: int = 0):
 
 def all_gather_object(obj) -> list:
     """``[obj of rank 0, obj of rank 1, …]`` on every rank; ``[obj]`` without a process group."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not distributed_initialized():
         return [obj]
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, obj)
@@ -113,10 +118,6 @@ def elastic_run_id() -> str | None:
     if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0:
         return os.environ.get("TORCHELASTIC_RUN_ID")
     return None
-
-
-def distributed_initialized() -> bool:
-    return dist.is_available() and dist.is_initialized()
 
 
 def cleanup() -> None:
